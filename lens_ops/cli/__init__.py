@@ -1,0 +1,72 @@
+"""`lora-lens` command line. Each sibling module is one sub-command (NAME, HELP, add_arguments, run)
+and may offer a `demo(ctx)` step for `lora-lens demo`; they are discovered, not listed here."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import pkgutil
+import sys
+
+from ..errors import LensError
+
+
+def command_modules():
+    mods = []
+    for info in pkgutil.iter_modules(__path__):
+        if not info.name.startswith("_"):
+            mod = importlib.import_module(f".{info.name}", __name__)
+            if hasattr(mod, "NAME") and hasattr(mod, "run"):
+                mods.append(mod)
+    return sorted(mods, key=lambda m: (getattr(m, "ORDER", 50), m.NAME))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="show a traceback on errors")
+    common.add_argument("--device", default="auto", help="torch device: auto (GPU when present), cpu, cuda, ...")
+    parser = argparse.ArgumentParser(prog="lora-lens", description="Look inside, shrink, blend and pack LoRA files.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for mod in command_modules():
+        p = sub.add_parser(mod.NAME, help=mod.HELP, description=getattr(mod, "DESCRIPTION", mod.HELP),
+                           parents=[common])
+        mod.add_arguments(p)
+        p.set_defaults(_run=mod.run)
+    return parser
+
+
+def resolve_device(name: str):
+    import torch
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise LensError(f"Unknown device {name!r}; use auto, cpu, cuda or cuda:N.") from None
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.device = resolve_device(args.device)
+        return int(args._run(args) or 0)
+    except LensError as e:
+        if args.debug:
+            raise
+        print(f"lora-lens: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("lora-lens: cancelled.", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+    except Exception as e:  # a bug or an environment problem: still one sentence unless --debug
+        if args.debug:
+            raise
+        print(f"lora-lens: unexpected error ({type(e).__name__}: {e}); run again with --debug for details.",
+              file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,177 @@
+"""Safetensors reading and writing with a strict header check and atomic writes.
+
+safetensors itself rejects most damaged files, but with messages users cannot act on; the header is
+checked here first (size, JSON, dtypes, shapes, offsets) so every problem is one clear sentence and no
+tensor is read from a file that lies about its layout. Reading goes through `safe_open` (memory-mapped,
+one tensor at a time: no whole-file copy); writing goes to a temporary file next to the target and is
+renamed into place, so a failure never leaves a half-written file and never touches the input.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from typing import Callable
+
+import torch
+from safetensors import safe_open
+
+from .errors import LensError
+
+MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit
+
+DTYPE_BYTES = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1,
+    "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+    "I32": 4, "U32": 4, "F32": 4,
+    "I64": 8, "U64": 8, "F64": 8,
+}
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
+
+
+def read_header(path: str) -> tuple[dict, dict, int]:
+    """Validate a safetensors file's header; return (tensor entries in file order, metadata, data start).
+
+    Raises LensError naming the first problem found. Nothing past the header is read.
+    """
+    name = os.path.basename(path)
+    if path.lower().endswith(PICKLE_SUFFIXES):
+        raise LensError(f"{name} is a pickle-based file ({os.path.splitext(path)[1]}); LoRA Lens never "
+                        "unpickles files. Convert it to .safetensors with a tool you trust first.")
+    if not os.path.isfile(path):
+        raise LensError(f"{path} does not exist or is not a file.")
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise LensError(f"{name} is truncated: it is {size} bytes, shorter than a safetensors header.")
+        if head[:2] == b"PK" or head[:1] == b"\x80":
+            raise LensError(f"{name} is a pickle/zip checkpoint, not safetensors; LoRA Lens never unpickles files.")
+        n = int.from_bytes(head, "little")
+        if n > MAX_HEADER_BYTES:
+            raise LensError(f"{name} is not a valid safetensors file: its header claims {n} bytes "
+                            f"(limit {MAX_HEADER_BYTES}).")
+        if 8 + n > size:
+            raise LensError(f"{name} is truncated or corrupt: its header length ({n} bytes) runs past the "
+                            f"end of the file ({size} bytes).")
+        raw = f.read(n)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise LensError(f"{name} is not a valid safetensors file: its header is not JSON.") from None
+    if not isinstance(header, dict):
+        raise LensError(f"{name} is not a valid safetensors file: its header is not a JSON object.")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise LensError(f"{name} has a malformed __metadata__ block (it must map names to strings).")
+    data_len = size - 8 - n
+    spans = []
+    for key, entry in header.items():
+        if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
+            raise LensError(f"{name}: tensor entry {key!r} is malformed (needs dtype, shape, data_offsets).")
+        dtype, shape, offs = entry["dtype"], entry["shape"], entry["data_offsets"]
+        if dtype not in DTYPE_BYTES:
+            raise LensError(f"{name}: tensor {key!r} has an unknown dtype {dtype!r}.")
+        if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+            raise LensError(f"{name}: tensor {key!r} has an invalid shape {shape!r}.")
+        if (not isinstance(offs, list) or len(offs) != 2 or not all(isinstance(o, int) for o in offs)
+                or not 0 <= offs[0] <= offs[1]):
+            raise LensError(f"{name}: tensor {key!r} has invalid data offsets {offs!r}.")
+        if offs[1] > data_len:
+            raise LensError(f"{name} is truncated or corrupt: tensor {key!r} runs past the end of the data "
+                            f"({offs[1]} > {data_len} bytes).")
+        numel = 1
+        for d in shape:
+            numel *= d
+        if offs[1] - offs[0] != numel * DTYPE_BYTES[dtype]:
+            raise LensError(f"{name}: tensor {key!r} declares shape {shape} of {dtype} but holds "
+                            f"{offs[1] - offs[0]} bytes.")
+        spans.append((offs[0], offs[1], key))
+    spans.sort()
+    for (a0, a1, ka), (b0, b1, kb) in zip(spans, spans[1:]):
+        if b0 < a1 and b1 > b0:
+            raise LensError(f"{name} is corrupt: tensors {ka!r} and {kb!r} overlap in the file.")
+    ordered = dict(sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]))
+    return ordered, metadata, 8 + n
+
+
+def load_file(path: str, keys: list[str] | None = None, device: str | torch.device = "cpu",
+              progress: Callable[[int, int], None] | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+    """Read tensors (all, or `keys`) and metadata from a validated safetensors file, in file order."""
+    entries, metadata, _ = read_header(path)
+    wanted = list(entries) if keys is None else [k for k in entries if k in set(keys)]
+    tensors: dict[str, torch.Tensor] = {}
+    try:
+        with safe_open(path, framework="pt", device=str(device)) as f:
+            for i, k in enumerate(wanted):
+                tensors[k] = f.get_tensor(k)
+                if progress is not None:
+                    progress(i + 1, len(wanted))
+    except LensError:
+        raise
+    except Exception as e:  # safetensors' own errors on content we did not predict
+        raise LensError(f"{os.path.basename(path)} could not be read: {e}.") from e
+    return tensors, metadata
+
+
+TORCH_TO_ST = {torch.bool: "BOOL", torch.uint8: "U8", torch.int8: "I8", torch.float8_e4m3fn: "F8_E4M3",
+               torch.float8_e5m2: "F8_E5M2", torch.int16: "I16", torch.float16: "F16", torch.bfloat16: "BF16",
+               torch.int32: "I32", torch.float32: "F32", torch.int64: "I64", torch.float64: "F64",
+               torch.uint16: "U16", torch.uint32: "U32", torch.uint64: "U64"}
+
+
+def save_file(tensors: dict[str, torch.Tensor], path: str, metadata: dict | None = None) -> None:
+    """Write safetensors with the header in the given key and metadata order, tensors streamed in order.
+
+    The safetensors library writes metadata in hash order (different bytes on every save); writing the
+    format here keeps a file that was read and written back identical to the byte.
+    """
+    header: dict = {}
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    offset = 0
+    for k, t in tensors.items():
+        if t.dtype not in TORCH_TO_ST:
+            raise LensError(f"Tensor {k!r} has dtype {t.dtype}, which safetensors cannot store.")
+        n = t.numel() * t.element_size()
+        header[k] = {"dtype": TORCH_TO_ST[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    raw = json.dumps(header, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little"))
+        f.write(raw)
+        for t in tensors.values():
+            if t.numel():
+                f.write(t.detach().reshape(-1).contiguous().cpu().view(torch.uint8).numpy().data)
+
+
+def atomic_save(tensors: dict[str, torch.Tensor], path: str, metadata: dict | None = None,
+                forbid: tuple[str, ...] = ()) -> str:
+    """Write a safetensors file via temp file + rename; refuse to overwrite any path in `forbid`."""
+    target = os.path.abspath(path)
+    for p in forbid:
+        if p and os.path.exists(p) and os.path.exists(target) and os.path.samefile(p, target):
+            raise LensError(f"Refusing to overwrite the input file {p}; choose another output name.")
+    folder = os.path.dirname(target) or "."
+    os.makedirs(folder, exist_ok=True)
+    meta = {str(k): str(v) for k, v in (metadata or {}).items()}
+    fd, tmp = tempfile.mkstemp(prefix=".lens-", suffix=".tmp", dir=folder)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=meta or None)
+        os.replace(tmp, target)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return target
+
+
+def safe_join(root: str, relative: str) -> str:
+    """Join a user-given relative name under `root`, refusing anything that escapes it."""
+    root_abs = os.path.realpath(root)
+    full = os.path.realpath(os.path.join(root_abs, relative))
+    if os.path.commonpath([root_abs, full]) != root_abs:
+        raise LensError(f"The path {relative!r} points outside {root}; use a name inside that folder.")
+    return full

@@ -1,0 +1,50 @@
+"""The `lora-lens` command line: info output, one-sentence errors with non-zero exit, demo end to end."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from safetensors.torch import save_file
+
+from lens_ops.cli import main
+from lora_factory import convention_lora, gen
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "lens_ops", *args], capture_output=True, text=True, timeout=600)
+
+
+def test_info_prints_summary(tmp_path, capsys):
+    from lens_ops.synth import make_lora
+    sd = make_lora("sdxl_kohya", rank=4, seed=0)
+    p = str(tmp_path / "x.safetensors")
+    save_file(sd, p, metadata=sd.metadata)
+    assert main(["info", p]) == 0
+    out = capsys.readouterr().out
+    assert "Architecture: SDXL" in out and "kohya" in out and "fp16" in out and "Rank: 4" in out
+    assert main(["info", p, "--json"]) == 0
+    s = json.loads(capsys.readouterr().out)
+    assert s["architecture"] == "SDXL" and s["modules"] == 986 and s["modules_by_component"]["text encoder 2"] == 192
+
+
+def test_bad_input_exits_nonzero_with_one_sentence(tmp_path):
+    p = tmp_path / "bad.safetensors"
+    p.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all}")
+    r = run_cli("info", str(p))
+    assert r.returncode != 0
+    assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr and "not JSON" in r.stderr
+    r = run_cli("info", str(p), "--debug")
+    assert "Traceback" in r.stderr
+
+
+def test_missing_file_exits_nonzero():
+    r = run_cli("info", "/no/such/file.safetensors")
+    assert r.returncode != 0 and "does not exist" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_demo_runs_every_step(tmp_path):
+    r = run_cli("demo", "--out", str(tmp_path), "--rank", "4")
+    assert r.returncode == 0, r.stderr
+    assert "Architecture: SDXL" in r.stdout and "bit-identical" in r.stdout
+    assert any(f.startswith("sample_sdxl_kohya_r4") for f in os.listdir(tmp_path))
