@@ -14,6 +14,7 @@ TESTS = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(TESTS)
 SHARED = os.path.join(os.path.dirname(ROOT), "shared")
 sys.path.insert(0, TESTS)
+sys.path.insert(1, ROOT)
 
 
 def import_pack():
