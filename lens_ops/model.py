@@ -21,7 +21,7 @@ from . import __version__
 from .arch import Architecture, detect
 from .errors import LensError
 from .keys import CLONEOFSIMO, block_of, convention_of, name_components
-from .kinds import BY_NAME, UNKNOWN, ModuleKind, classify, split_key
+from .kinds import UNKNOWN, ModuleKind, classify, split_key
 from .st_io import atomic_save, load_file
 
 PROVENANCE_KEY = "lora_lens.provenance"
@@ -151,8 +151,7 @@ def _looks_like_checkpoint(state: dict[str, torch.Tensor]) -> bool:
 class LoRAModel:
     """A whole LoRA file: modules in file order plus the safetensors metadata."""
 
-    def __init__(self, modules: list[LoRAModule], metadata: dict | None = None, source: str | None = None,
-                 extra_order: list[str] | None = None):
+    def __init__(self, modules: list[LoRAModule], metadata: dict | None = None, source: str | None = None):
         self.modules = modules
         self.metadata = dict(metadata or {})
         self.source = source
