@@ -110,7 +110,8 @@ class SaveLoRAFile:
             atomic_save(state, target, metadata)
             lines.append(f"Copied to loras as {os.path.basename(target)}.")
         text = "\n".join(lines)
-        return {"ui": {"text": [text]}, "result": (path,)}
+        files = [{"filename": name, "subfolder": subfolder, "type": "output"}]
+        return {"ui": {"text": [text], "lora_files": files}, "result": (path,)}
 
 
 NODE_CLASS_MAPPINGS = {"LoadLoRAFile": LoadLoRAFile, "SaveLoRAFile": SaveLoRAFile}

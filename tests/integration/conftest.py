@@ -75,9 +75,9 @@ def _free_port() -> int:
 
 
 class ComfyServer:
-    def __init__(self, base: str):
+    def __init__(self, base: str, loras: str | None = None):
         self.base = base
-        self.loras = os.path.join(base, "loras")
+        self.loras = loras or os.path.join(base, "loras")
         self.output = os.path.join(base, "output")
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -90,7 +90,7 @@ class ComfyServer:
         os.symlink(ROOT, os.path.join(self.base, "custom_nodes", PACK_NAME))
         cfg = os.path.join(self.base, "extra_model_paths.yaml")
         with open(cfg, "w") as f:
-            f.write(f"lens:\n    base_path: {self.base}\n    custom_nodes: custom_nodes\n    loras: loras\n"
+            f.write(f"lens:\n    base_path: {self.base}\n    custom_nodes: custom_nodes\n    loras: {self.loras}\n"
                     f"    loradb: loradb\n")
         log = open(self.log_path, "w")
         self.proc = subprocess.Popen(
