@@ -17,15 +17,21 @@ def torch_device():
     return comfy.model_management.get_torch_device()
 
 
-def progress(total: int):
-    """A callback(done, total) that moves the node's progress bar; each update is an interrupt point."""
+def progress(total: int | None = None):
+    """A callback(done, total) that moves the node's progress bar; each update is an interrupt point.
+
+    The bar is made on the first update when `total` is not known in advance (e.g. a file's tensor count).
+    """
     import comfy.model_management
     import comfy.utils
-    bar = comfy.utils.ProgressBar(max(int(total), 1))
+    state = {"bar": comfy.utils.ProgressBar(max(int(total), 1)) if total else None}
 
     def update(done: int, total_now: int | None = None) -> None:
         comfy.model_management.throw_exception_if_processing_interrupted()
-        bar.update_absolute(int(done), int(total_now or total))
+        n = int(total_now or total or 1)
+        if state["bar"] is None:
+            state["bar"] = comfy.utils.ProgressBar(max(n, 1))
+        state["bar"].update_absolute(int(done), n)
     return update
 
 

@@ -6,7 +6,7 @@ import os
 from ..lens_ops import LensError, LoRAModel
 from ..lens_ops.st_io import atomic_save, safe_join
 from ..lens_ops.summary import format_summary, summarize
-from .common import CATEGORY, LORA, as_model, as_socket, lora_names, lora_path, mtime_of, output_dir
+from .common import CATEGORY, LORA, as_model, as_socket, lora_names, lora_path, mtime_of, output_dir, progress
 
 
 class LoadLoRAFile:
@@ -43,7 +43,7 @@ class LoadLoRAFile:
 
     def load(self, lora_name, bake_strength=1.0):
         path = lora_path(lora_name)
-        model = LoRAModel.load(path)
+        model = LoRAModel.load(path, progress=progress())
         info = format_summary(summarize(model, os.path.getsize(path)))
         metadata = model.metadata
         if bake_strength != 1.0:

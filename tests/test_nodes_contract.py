@@ -62,6 +62,8 @@ def test_load_then_save(comfy_env):
     lora, info = out["result"]
     assert isinstance(lora, dict) and set(lora) == set(sd) and "SD 1.5" in info
     assert out["ui"]["text"] == [info]
+    from conftest import FakeProgressBar
+    assert FakeProgressBar.updates and FakeProgressBar.updates[-1][0] == FakeProgressBar.updates[-1][1] == len(sd)
     res = nodes["SaveLoRAFile"]().save(lora, "loras/test", copy_to_loras=True, note="hello")
     path = res["result"][0]
     assert path.startswith(str(dirs["output"])) and os.path.exists(path)
