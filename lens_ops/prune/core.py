@@ -1,0 +1,276 @@
+"""prune_model / prune_many: one decomposition, any number of recipes, one output model per recipe."""
+from __future__ import annotations
+
+import json
+import math
+from typing import Callable
+
+import torch
+
+from ..errors import LensError
+from ..model import LoRAModel
+from ..kinds import UNKNOWN
+from .decompose import Decomp, decompose
+from .module import converted_module, dora_axis_output, pruned_tensors, recomputed_dora
+from .recipe import Recipe, parse_recipe, parse_recipes
+from .report import module_entry, totals
+from .rules import budget_select, rule_rank, scores, threshold_for_size
+
+ZERO_SV = 1e-6  # resize_lora: layers whose σ_max is below this are all zero and are left out
+
+
+def _elem(dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def _header_estimate(model: LoRAModel, metadata: dict) -> int:
+    n = 8 + len(json.dumps(metadata))
+    for m in model.modules:
+        for k, t in m.tensors.items():
+            n += len(m.keys[k]) + 64 + 6 * t.ndim
+    return n
+
+
+class PruneSession:
+    """Holds one model's decomposition so several recipes cost one SVD pass."""
+
+    def __init__(self, model: LoRAModel, device="cpu", progress: Callable[[int, int], None] | None = None,
+                 base=None, convert_lyco: bool = False):
+        self.model = model
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.base = base
+        self.decs: dict[str, Decomp] = decompose(model.modules, self.device, progress, convert_lyco)
+        self.peft = any(k.endswith((".lora_A.weight", ".lora_A", ".lora_A.default.weight"))
+                        for m in model.modules for k in m.keys.values())
+        self._base_done = False
+
+    # ------------------------------------------------------------------ base model numbers
+    def _attach_base(self, need_subspace: bool):
+        if self.base is None:
+            return
+        if not self._base_done:
+            for d in self.decs.values():
+                nrm = self.base.norms(d.module)
+                if nrm is not None:
+                    d.base.update(nrm)
+            self._base_done = True
+        if need_subspace:
+            for d in self.decs.values():
+                if "subspace" in d.base or "fro" not in d.base:
+                    continue
+                w = self.base.weight(d.module)
+                if w is None:
+                    continue
+                u, vh = d.basis(self.device)
+                w = w.to(self.device, torch.float32).reshape(d.n, -1)
+                d.base["subspace"] = ((vh @ w.transpose(0, 1)) * u.transpose(0, 1)).sum(1).double().cpu()
+
+    # ------------------------------------------------------------------ one recipe
+    def run(self, recipe: Recipe | str) -> tuple[LoRAModel, dict]:
+        if isinstance(recipe, str):
+            recipe = parse_recipe(recipe)
+        if recipe.lyco == "convert" and any(m.kind.name in ("loha", "lokr") and m.name not in self.decs
+                                            and not m.is_dora for m in self.model.modules):
+            raise LensError("This prune session was decomposed without LoHa/LoKr conversion; "
+                            "start it with convert_lyco=True for lyco=convert.")
+        need_sub = "subspace" in recipe.weights
+        self._attach_base(need_sub)
+        notes: dict[str, str] = {}
+        elig: dict[str, Decomp] = {}
+        for name, d in self.decs.items():
+            m = d.module
+            if d.route == "dense" and recipe.lyco != "convert":
+                continue
+            if m.is_dora and not dora_axis_output(m) and (self.base is None or self.base.weight(m) is None):
+                notes[name] = ("DoRA (input-axis magnitude): left as it is; its dora_scale must be recomputed "
+                               "against the base weights, so connect/give the base model to prune it")
+                continue
+            if recipe.needs_base and ("fro" not in d.base or (need_sub and "subspace" not in d.base)):
+                notes[name] = "no base-model weight for this module: left as it is (ckpt scores need one)"
+                continue
+            elig[name] = d
+        out_elem = {name: _elem(recipe.dtype or d.module.tensors.get("up", d.module.tensors.get(
+            next(r for r, t in d.module.tensors.items() if r != "alpha" and t.is_floating_point()))).dtype)
+            for name, d in elig.items()}
+
+        # candidate dimensions: per-module rule caps, then scores
+        cand: dict[str, torch.Tensor] = {}
+        for name, d in elig.items():
+            k = rule_rank(d.S, recipe.rules, d.scale) if recipe.rules else int((d.S > 0).sum())
+            if d.route == "zero":
+                k = 0
+            mask = torch.zeros(d.dims, dtype=torch.bool)
+            mask[:k] = True
+            cand[name] = mask
+        threshold = None
+        if recipe.uses_scores:
+            sc = {}
+            for name, d in elig.items():
+                if float(d.S[0]) < ZERO_SV:
+                    s = torch.full((d.dims,), -math.inf, dtype=torch.float64)
+                else:
+                    s = scores(d, recipe.weights, recipe.rescale)
+                s = torch.where(cand[name], s, torch.full_like(s, -math.inf))
+                sc[name] = s
+            if recipe.threshold is not None:
+                threshold = recipe.threshold
+            else:
+                fixed = self._fixed_bytes(elig, recipe)
+                budget = recipe.size_mib * 2 ** 20 - fixed
+                if budget < 0:
+                    raise LensError(f"size={recipe.size_mib:g} MiB is smaller than the "
+                                    f"{fixed / 2 ** 20:.2f} MiB of this file that pruning cannot shrink "
+                                    f"(other modules, alphas, header); ask for at least that.")
+                flat_s, flat_c = [], []
+                for name, d in elig.items():
+                    fin = torch.isfinite(sc[name])
+                    flat_s.append(sc[name][fin])
+                    flat_c.append(torch.full((int(fin.sum()),), d.dim_cost(out_elem[name]), dtype=torch.float64))
+                threshold = threshold_for_size(torch.cat(flat_s) if flat_s else torch.zeros(0),
+                                               torch.cat(flat_c) if flat_c else torch.zeros(0), budget)
+            for name in elig:
+                cand[name] = cand[name] & (sc[name] > threshold)
+        if recipe.budget_mib is not None:
+            fixed = self._fixed_bytes(elig, recipe)
+            budget = recipe.budget_mib * 2 ** 20 - fixed
+            if budget < 0:
+                raise LensError(f"budget={recipe.budget_mib:g} MiB is smaller than the {fixed / 2 ** 20:.2f} MiB "
+                                "of this file that pruning cannot shrink (other modules, alphas, header).")
+            items = [(name, elig[name].S[cand[name]] * recipe.rescale, elig[name].dim_cost(out_elem[name]))
+                     for name in elig]
+            counts = budget_select(items, budget)
+            for name in elig:
+                idx = torch.nonzero(cand[name]).flatten()
+                mask = torch.zeros_like(cand[name])
+                mask[idx[:counts[name]]] = True
+                cand[name] = mask
+        return self._build(recipe, elig, cand, notes, threshold)
+
+    def _fixed_bytes(self, elig, recipe) -> int:
+        """Bytes of the output that do not depend on which dimensions are kept."""
+        n = _header_estimate(self.model, self.model.metadata) + 1024
+        for m in self.model.modules:
+            if m.name in elig:
+                n += sum(t.numel() * t.element_size() for r, t in m.tensors.items()
+                         if r not in ("up", "down", "mid") and not m.kind.name in ("loha", "lokr"))
+                if m.kind.name in ("loha", "lokr"):
+                    n += 8
+            else:
+                n += m.nbytes
+        return n
+
+    def _build(self, recipe: Recipe, elig, cand, notes, threshold):
+        new_modules = []
+        entries = []
+        rescale = recipe.rescale
+        for m in self.model.modules:
+            d = elig.get(m.name)
+            if d is None:
+                kept = m
+                note = notes.get(m.name)
+                if rescale != 1.0 and m.kind is not UNKNOWN and m.kind.name not in ("set",):
+                    try:
+                        kept = m.with_tensors(m.kind.scaled(m, rescale))
+                        note = (note + "; " if note else "") + f"rescaled by {rescale:g}"
+                    except LensError as e:
+                        note = (note + "; " if note else "") + str(e)
+                if note is None:
+                    note = {"unknown": "not understood: carried through byte for byte",
+                            "loha": "LoHa: left as it is (lyco=convert turns it into a LoRA)",
+                            "lokr": "LoKr: left as it is (lyco=convert turns it into a LoRA)",
+                            }.get(m.kind.name, f"{m.kind.describe(m)}: carried through")
+                new_modules.append(kept)
+                entries.append(module_entry(m, kept, None, None, rescale, note, self.base is not None))
+                continue
+            mask = cand[m.name]
+            idx = torch.nonzero(mask).flatten()
+            k = int(idx.numel())
+            if m.is_dora and k == 0:
+                idx, k = torch.arange(1), 1  # DoRA changes the weight even at ΔW = 0: keep one dimension
+            all_kept = k == d.dims and (d.rank is None or k == d.rank)
+            if k == 0:
+                why = "all-zero ΔW" if d.route == "zero" else "every dimension dropped by the recipe"
+                entries.append(module_entry(m, None, d, idx, rescale, f"removed ({why})", self.base is not None))
+                continue
+            if d.route == "dense":
+                new = converted_module(d, idx, rescale, recipe.dtype, self.peft)
+                if new.nbytes >= m.nbytes and rescale == 1.0:
+                    new_modules.append(m)
+                    entries.append(module_entry(m, m, None, None, rescale, f"{m.kind.label}: kept, as a LoRA it "
+                                                "would not be smaller", self.base is not None))
+                    continue
+                new_modules.append(new)
+                entries.append(module_entry(m, new, d, idx, rescale, f"{m.kind.label} converted to LoRA",
+                                            self.base is not None))
+                continue
+            new_bytes = k * d.dim_cost(_elem(recipe.dtype or m.tensors["up"].dtype))
+            old_fact = sum(t.numel() * t.element_size() for r, t in m.tensors.items() if r in ("up", "down", "mid"))
+            if all_kept or new_bytes >= old_fact:
+                if rescale == 1.0:
+                    new_modules.append(m)
+                    why = "nothing to drop" if all_kept else "a smaller rank would not make it smaller"
+                    entries.append(module_entry(m, m, d, torch.arange(d.dims), rescale,
+                                                f"kept bit-identical ({why})", self.base is not None))
+                else:
+                    new = m.with_tensors(m.kind.scaled(m, rescale))
+                    new_modules.append(new)
+                    entries.append(module_entry(m, new, d, torch.arange(d.dims), rescale,
+                                                f"all dimensions kept, rescaled by {rescale:g}", self.base is not None))
+                continue
+            tensors = pruned_tensors(d, idx, rescale, recipe.dtype, self.device)
+            new = m.with_tensors(tensors)
+            note = "pruned" + (" (Tucker core folded: plain conv LoRA)" if "mid" in m.tensors else "")
+            if m.is_dora and not dora_axis_output(m):
+                role = "dora_scale" if "dora_scale" in m.tensors else "magnitude"
+                tensors[role] = recomputed_dora(m, new, self.base.weight(m), rescale, self.device)
+                new = m.with_tensors(tensors)
+                note += "; DoRA magnitude recomputed against the base weights"
+            elif m.is_dora:
+                note += "; DoRA (output-axis magnitude, normalised by the base weight: unchanged)"
+            new_modules.append(new)
+            entries.append(module_entry(m, new, d, idx, rescale, note, self.base is not None))
+        out = LoRAModel(new_modules, self.model.metadata, self.model.source)
+        report = {"recipe": recipe.text, "settings": recipe.settings(), "threshold": threshold,
+                  "modules": entries}
+        report["total"] = totals(entries, self.model, out)
+        out.metadata = _metadata(self.model, out, recipe, report)
+        return out, report
+
+
+def _metadata(src: LoRAModel, out: LoRAModel, recipe: Recipe, report: dict) -> dict:
+    t = report["total"]
+    settings = dict(recipe.settings())
+    settings.update({"bytes_in": t["bytes_in"], "bytes_out": t["bytes_out"], "rel_error": t["rel_error"]})
+    if report.get("threshold") is not None and math.isfinite(report["threshold"]):
+        settings["threshold"] = report["threshold"]
+    meta = src.with_provenance("prune", settings)
+    ranks = {m.rank() for m in out.modules if m.kind.name == "lora"}
+    alphas = {m.alpha for m in out.modules if m.kind.name == "lora" and m.alpha is not None}
+    if "ss_network_dim" in meta:
+        meta["ss_network_dim"] = str(ranks.pop()) if len(ranks) == 1 else "Dynamic"
+    if "ss_network_alpha" in meta:
+        meta["ss_network_alpha"] = str(float(alphas.pop())) if len(alphas) == 1 and len(ranks) <= 1 else "Dynamic"
+    return meta
+
+
+def prune_many(model: LoRAModel, recipes, device="cpu", progress=None, base=None):
+    """Several recipes from ONE decomposition: [(LoRAModel, report), ...] in recipe order."""
+    if isinstance(recipes, str):
+        recipes = parse_recipes(recipes)
+    recipes = [parse_recipe(r) if isinstance(r, str) else r for r in recipes]
+    _check_base(recipes, base)
+    session = PruneSession(model, device, progress, base, any(r.lyco == "convert" for r in recipes))
+    return [session.run(r) for r in recipes]
+
+
+def _check_base(recipes, base):
+    for r in recipes:
+        if r.needs_base and base is None:
+            raise LensError(f"Recipe {r.text!r} uses a ckpt score (spn_ckpt, fro_ckpt or subspace), which "
+                            "needs the base model: connect MODEL/CLIP in ComfyUI or give --base CHECKPOINT.")
+
+
+def prune_model(model: LoRAModel, recipe: str, device="cpu", progress=None, base=None) -> tuple[LoRAModel, dict]:
+    """Prune every module of `model` by one recipe (see lens_ops.prune.recipe); returns (model, report)."""
+    r = parse_recipe(recipe) if isinstance(recipe, str) else recipe
+    return prune_many(model, [r], device, progress, base)[0]

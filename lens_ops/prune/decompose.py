@@ -1,0 +1,128 @@
+"""One exact SVD per module, computed once and shared by every recipe of a run.
+
+Plain LoRA / LoCon / Tucker modules go through `lens_ops.lowrank`: the r×r Gram matrices of the
+factors (one thin product each, float32 work on half inputs), their Cholesky factors (the R of the
+factors' QR), and one r×r core SVD — batched over all modules of equal rank. What is kept per module
+is tiny: the singular values S and two r×k transforms (U = B@P, Vh = Qt@A), so new factors are one
+thin product per factor at write time and no dense ΔW (n×m) is ever formed. Modules where that route
+is not accurate (rank above min(n, m), singular or badly conditioned factors) are redone with the
+shared Householder-QR `factored_svd` in float64. LoHa/LoKr modules, only when conversion is asked
+for, are decomposed from their dense ΔW (they are not a product of two factors).
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from ..lowrank import core_transforms, factored_svd, work_dtype
+
+CHUNK = 48  # modules per batched r×r step (bounds the float64 Gram memory)
+
+
+@dataclass
+class Decomp:
+    module: object            # the LoRAModule
+    route: str                # "factored" | "explicit" | "zero" | "dense"
+    n: int                    # rows of ΔW (out features)
+    m: int                    # columns of flattened ΔW (in features · kernel)
+    rank: int | None          # original rank (None for LoKr without a decomposed side)
+    scale: float              # ComfyUI's alpha / rank (1 without alpha)
+    S: torch.Tensor           # singular values of ΔW (scale included), float64, descending
+    P: torch.Tensor | None = None
+    Qt: torch.Tensor | None = None
+    U: torch.Tensor | None = None
+    Vh: torch.Tensor | None = None
+    base: dict = field(default_factory=dict)   # base-model numbers: fro, spn, subspace (per dim)
+
+    @property
+    def name(self) -> str:
+        return self.module.name
+
+    @property
+    def dims(self) -> int:
+        return int(self.S.shape[0])
+
+    def dim_cost(self, elem: int) -> int:
+        """Bytes one kept dimension costs in the output (one column of up + one row of down)."""
+        return elem * (self.n + self.m)
+
+    def basis(self, device="cpu", b=None, a=None):
+        """(U [n×k], Vh [k×m]) float32, the exact singular vectors (built on demand)."""
+        if self.U is not None:
+            return self.U.to(device), self.Vh.to(device)
+        if b is None:
+            b, a, _ = self.module.lowrank(torch.float32, device)
+        return b @ self.P.to(device), self.Qt.to(device) @ a
+
+
+def decompose(modules: list, device="cpu", progress: Callable[[int, int], None] | None = None,
+              convert_lyco: bool = False) -> dict[str, Decomp]:
+    """Exact SVD of every LoRA module (and LoHa/LoKr when `convert_lyco`) in `modules`."""
+    device = torch.device(device)
+    todo = [m for m in modules if m.kind.name == "lora"]
+    lyco = [m for m in modules if convert_lyco and m.kind.name in ("loha", "lokr") and not m.is_dora]
+    total = len(todo) + len(lyco)
+    done = 0
+    out: dict[str, Decomp] = {}
+    by_rank = defaultdict(list)
+    for m in todo:
+        by_rank[m.rank()].append(m)
+    for r, group in by_rank.items():
+        for start in range(0, len(group), CHUNK):
+            chunk = group[start:start + CHUNK]
+            grams_b, grams_a, scales, shapes, fallback = [], [], [], [], []
+            for m in chunk:
+                dt = work_dtype(m.tensors["up"])
+                b, a = m.kind.lowrank(m, dt, device)
+                n, mm = b.shape[0], a.shape[1]
+                shapes.append((n, mm))
+                scales.append(m.scale())
+                if m.is_zero():
+                    fallback.append("zero")
+                elif r > min(n, mm):
+                    fallback.append("qr")
+                else:
+                    fallback.append(None)
+                    grams_b.append((b.transpose(0, 1) @ b).double())
+                    grams_a.append((a @ a.transpose(0, 1)).double())
+                del b, a
+            fast = [i for i, f in enumerate(fallback) if f is None]
+            if fast:
+                gb = torch.stack(grams_b)
+                ga = torch.stack(grams_a)
+                del grams_b, grams_a
+                p, s, qt, ok = core_transforms(gb, ga, torch.tensor([scales[i] for i in fast], dtype=torch.float64))
+                del gb, ga
+                for j, i in enumerate(fast):
+                    m = chunk[i]
+                    if bool(ok[j]):
+                        out[m.name] = Decomp(m, "factored", *shapes[i], r, scales[i], s[j].cpu(),
+                                             P=p[j].float(), Qt=qt[j].float())
+                    else:
+                        fallback[i] = "qr"
+            for i, f in enumerate(fallback):
+                m = chunk[i]
+                if f == "zero":
+                    k = min(r, *shapes[i])
+                    out[m.name] = Decomp(m, "zero", *shapes[i], r, scales[i], torch.zeros(k, dtype=torch.float64))
+                elif f == "qr":
+                    b, a = m.kind.lowrank(m, torch.float64, device)
+                    u, s, vh = factored_svd(b, a, scales[i])
+                    out[m.name] = Decomp(m, "explicit", *shapes[i], r, scales[i], s.cpu(),
+                                         U=u.float(), Vh=vh.float())
+            done += len(chunk)
+            if progress is not None:
+                progress(done, total)
+    for m in lyco:
+        d = m.delta(torch.float64, device)
+        mat = d.reshape(d.shape[0], -1)
+        u, s, vh = torch.linalg.svd(mat, full_matrices=False)
+        out[m.name] = Decomp(m, "dense", mat.shape[0], mat.shape[1], m.rank(), 1.0, s.cpu(),
+                             U=u.float(), Vh=vh.float())
+        done += 1
+        if progress is not None:
+            progress(done, total)
+    return out
