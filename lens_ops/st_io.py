@@ -42,12 +42,15 @@ def read_header(path: str) -> tuple[dict, dict, int]:
         raise LensError(f"{path} does not exist or is not a file.")
     size = os.path.getsize(path)
     with open(path, "rb") as f:
-        head = f.read(8)
+        head = f.read(9)
         if len(head) < 8:
             raise LensError(f"{name} is truncated: it is {size} bytes, shorter than a safetensors header.")
-        if head[:2] == b"PK" or head[:1] == b"\x80":
+        # a header length may itself start with "PK" or 0x80: only a file whose header is not JSON is a checkpoint
+        plausible = head[8:9] == b"{" and 8 + int.from_bytes(head[:8], "little") <= size
+        if (head[:2] == b"PK" or head[:1] == b"\x80") and not plausible:
             raise LensError(f"{name} is a pickle/zip checkpoint, not safetensors; LoRA Lens never unpickles files.")
-        n = int.from_bytes(head, "little")
+        n = int.from_bytes(head[:8], "little")
+        f.seek(8)
         if n > MAX_HEADER_BYTES:
             raise LensError(f"{name} is not a valid safetensors file: its header claims {n} bytes "
                             f"(limit {MAX_HEADER_BYTES}).")
