@@ -85,13 +85,13 @@ class ComfyServer:
         self.proc = None
 
     def start(self, python: str):
-        for d in ("custom_nodes", "loras", "output", "temp", "input", "user", "loradb"):
+        for d in ("custom_nodes", "loras", "output", "temp", "input", "user", "loradb", "checkpoints"):
             os.makedirs(os.path.join(self.base, d), exist_ok=True)
         os.symlink(ROOT, os.path.join(self.base, "custom_nodes", PACK_NAME))
         cfg = os.path.join(self.base, "extra_model_paths.yaml")
         with open(cfg, "w") as f:
             f.write(f"lens:\n    base_path: {self.base}\n    custom_nodes: custom_nodes\n    loras: {self.loras}\n"
-                    f"    loradb: loradb\n")
+                    f"    loradb: loradb\n    checkpoints: checkpoints\n")
         log = open(self.log_path, "w")
         self.proc = subprocess.Popen(
             [python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),

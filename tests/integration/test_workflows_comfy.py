@@ -1,0 +1,276 @@
+"""Every example workflow on a real ComfyUI server, through its HTTP API.
+
+For each example_workflows/api/*.json: the files it names are created first (LoRAs from lens_ops.synth in
+SD 1.5 layouts, `.loradb` collections with `python -m lens_ops pack`, checkpoints as the random-weight SD 1.5
+checkpoint of tiny_checkpoint.py), the prompt is checked against the server's real /object_info, posted to
+/prompt, followed on /history, and its outputs are checked: success, every output node reported, images and
+files exist, JSON reports parse, plus per-workflow checks against lens_ops called directly (EXTRA_CHECKS).
+
+Also: the tiny checkpoint samples through core nodes (CheckpointLoaderSimple → CLIPTextEncode ×2 →
+EmptyLatentImage 64×64 → KSampler → VAEDecode → PreviewImage), and a core LoraLoader applies a generated
+SD 1.5 LoRA to it with no key left unloaded.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import subprocess
+import sys
+import time
+import zlib
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from integration.conftest import ROOT, errors_of
+from integration.tiny_checkpoint import cached_sd15_checkpoint
+
+API_DIR = os.path.join(ROOT, "example_workflows", "api")
+API_FILES = sorted(glob.glob(os.path.join(API_DIR, "*.json")))
+LORA_LAYOUT = "sd15_kohya"   # the tiny checkpoint is SD 1.5, so these LoRAs apply to it
+LORA_RANK = 16
+TIMINGS: dict[str, float] = {}
+
+
+# ----------------------------------------------------------------------------------------- file placement
+def _seed(name: str) -> int:
+    return zlib.crc32(name.encode()) & 0xFFFF
+
+
+def make_lora_file(path: str, seed: int, rank: int = LORA_RANK, layout: str = LORA_LAYOUT) -> str:
+    from lens_ops.synth import make_lora
+    sd = make_lora(layout, rank=rank, seed=seed)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    save_file(dict(sd), path, metadata=dict(getattr(sd, "metadata", None) or {}))
+    return path
+
+
+def place_checkpoint(server, name: str) -> str:
+    dest = os.path.join(server.base, "checkpoints", name)
+    if not os.path.exists(dest):
+        os.makedirs(os.path.dirname(dest), exist_ok=True)
+        os.symlink(cached_sd15_checkpoint(python=os.environ.get("COMFYUI_PYTHON", sys.executable)), dest)
+    return dest
+
+
+def make_loradb(server, name: str) -> str:
+    """A .loradb in the server's loradb folder, packed from three generated SD 1.5 LoRAs with the pack's CLI."""
+    dest = os.path.join(server.base, "loradb", name)
+    if os.path.exists(dest):
+        return dest
+    src = os.path.join(server.base, "loradb-src", os.path.splitext(name)[0])
+    files = [make_lora_file(os.path.join(src, f"member_{i}.safetensors"), _seed(name) + i, rank=8) for i in range(3)]
+    os.makedirs(os.path.dirname(dest), exist_ok=True)
+    r = subprocess.run([sys.executable, "-m", "lens_ops", "pack", "-o", dest, *files], cwd=ROOT,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, f"lora-lens pack failed:\n{r.stdout}\n{r.stderr}"
+    return dest
+
+
+def prepare(server, prompt: dict) -> dict:
+    """Create every file the prompt names; returns {input value: path} of what was made."""
+    made = {}
+    for node in prompt.values():
+        for inp, value in node["inputs"].items():
+            if not isinstance(value, str) or value in made:
+                continue
+            if inp == "ckpt_name":
+                made[value] = place_checkpoint(server, value)
+            elif value.endswith(".loradb"):
+                made[value] = make_loradb(server, value)
+            elif value.endswith(".safetensors"):
+                path = os.path.join(server.loras, value)
+                made[value] = path if os.path.exists(path) else make_lora_file(path, _seed(value))
+    return made
+
+
+def temp_dir(server) -> str:
+    """Where PreviewImage writes: ComfyUI puts a 'temp' folder inside --temp-directory."""
+    return os.path.join(server.base, "temp", "temp")
+
+
+def free_cache(server):
+    """Drop ComfyUI's node cache so the next prompt really executes (and unload models)."""
+    import urllib.request
+    req = urllib.request.Request(server.url + "/free", data=json.dumps({"unload_models": True, "free_memory": True})
+                                 .encode(), headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as r:   # answers 200 with an empty body
+        assert r.status == 200
+    time.sleep(1.5)   # the worker applies the flag when it wakes; a prompt queued at once could run first
+
+
+# ----------------------------------------------------------------------------------------- output checks
+def _files_under(*dirs) -> set:
+    out = set()
+    for d in dirs:
+        for root, _, fs in os.walk(d):
+            out |= {os.path.join(root, f) for f in fs}
+    return out
+
+
+def _json_strings(value):
+    """Strings in a ui value that claim to be JSON."""
+    if isinstance(value, str):
+        if value.lstrip()[:1] in ("{", "["):
+            yield value
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _json_strings(v)
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _json_strings(v)
+
+
+def check_outputs(server, prompt: dict, entry: dict, info: dict, new_files: set):
+    outputs = entry.get("outputs", {})
+    out_nodes = [nid for nid, n in prompt.items() if info[n["class_type"]].get("output_node")]
+    assert out_nodes, "an example workflow must have an output node"
+    for nid in out_nodes:
+        assert nid in outputs, f"output node {nid} ({prompt[nid]['class_type']}) reported nothing"
+    for nid, ui in outputs.items():
+        for key, value in ui.items():
+            for text in _json_strings(value):
+                try:
+                    json.loads(text)
+                except json.JSONDecodeError as e:
+                    raise AssertionError(f"node {nid} ui[{key!r}] looks like JSON but does not parse: {e}") from None
+            if key == "images":
+                for img in value:
+                    root = server.output if img.get("type") == "output" else temp_dir(server)
+                    path = os.path.join(root, img.get("subfolder", ""), img["filename"])
+                    assert os.path.isfile(path) and os.path.getsize(path) > 0, f"image {path} missing"
+    writers = [n["class_type"] for n in prompt.values() if n["class_type"].startswith(("Save", "Pack"))]
+    if writers:
+        assert new_files, f"{', '.join(writers)} ran but no file appeared in output/, loras/ or loradb/"
+
+
+def run_workflow(server, prompt: dict, timeout: float = 900) -> tuple[dict, set, float]:
+    dirs = (server.output, server.loras, os.path.join(server.base, "loradb"))
+    before = _files_under(*dirs)
+    t0 = time.time()
+    entry = server.run(prompt, timeout=timeout)
+    return entry, _files_under(*dirs) - before, time.time() - t0
+
+
+# ----------------------------------------------------------------------------------------- per-workflow checks
+def _check_load_inspect_save(server, prompt, entry, made, new_files):
+    """The saved copy holds exactly the loaded LoRA's tensors (lens_ops reads both)."""
+    from lens_ops import LoRAModel
+    src = LoRAModel.load(made[prompt["1"]["inputs"]["lora_name"]])
+    saved = [f for f in new_files if f.startswith(server.output) and f.endswith(".safetensors")]
+    assert len(saved) == 1, saved
+    out = LoRAModel.load(saved[0])
+    assert {m.name for m in out.modules} == {m.name for m in src.modules}
+    a = {m.name: m for m in src.modules}
+    for m in out.modules:
+        for role, t in m.tensors.items():
+            assert torch.equal(t, a[m.name].tensors[role]), (m.name, role)
+
+
+EXTRA_CHECKS = {
+    "01_load_inspect_save": _check_load_inspect_save,
+}
+
+
+# ----------------------------------------------------------------------------------------- tests
+def _sample_prompt(ckpt: str, lora: str | None = None, strength: float = 1.0, steps: int = 2, seed: int = 7) -> dict:
+    p = {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}},
+        "2": {"class_type": "CLIPTextEncode", "inputs": {"text": "a lighthouse at dusk", "clip": ["1", 1]}},
+        "3": {"class_type": "CLIPTextEncode", "inputs": {"text": "blurry", "clip": ["1", 1]}},
+        "4": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "5": {"class_type": "KSampler", "inputs": {"model": ["1", 0], "positive": ["2", 0], "negative": ["3", 0],
+                                                  "latent_image": ["4", 0], "seed": seed, "steps": steps, "cfg": 5.0,
+                                                  "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}},
+        "6": {"class_type": "VAEDecode", "inputs": {"samples": ["5", 0], "vae": ["1", 2]}},
+        "7": {"class_type": "PreviewImage", "inputs": {"images": ["6", 0]}},
+    }
+    if lora:
+        p["8"] = {"class_type": "LoraLoader", "inputs": {"model": ["1", 0], "clip": ["1", 1], "lora_name": lora,
+                                                        "strength_model": strength, "strength_clip": strength}}
+        p["2"]["inputs"]["clip"] = ["8", 1]
+        p["3"]["inputs"]["clip"] = ["8", 1]
+        p["5"]["inputs"]["model"] = ["8", 0]
+    return p
+
+
+def _image(server, entry, nid="7"):
+    import numpy as np
+    from PIL import Image
+    img = entry["outputs"][nid]["images"][0]
+    root = server.output if img.get("type") == "output" else temp_dir(server)
+    path = os.path.join(root, img["subfolder"], img["filename"])
+    return np.asarray(Image.open(path).convert("RGB"), dtype=np.float64), path
+
+
+def _log_since(server, offset: int) -> str:
+    with open(server.log_path, errors="replace") as f:
+        f.seek(offset)
+        return f.read()
+
+
+def test_tiny_checkpoint_samples(comfy_server):
+    """CheckpointLoaderSimple loads the random SD 1.5 checkpoint as SD1.5 and a 2-step 64×64 sample decodes;
+    the image is exactly what ComfyUI computed (the same prompt repeats bit for bit) and not one flat colour."""
+    place_checkpoint(comfy_server, "tiny_sd15.safetensors")
+    choices = comfy_server.object_info("CheckpointLoaderSimple")["CheckpointLoaderSimple"]["input"]["required"]
+    assert "tiny_sd15.safetensors" in choices["ckpt_name"][0]
+    prompt = _sample_prompt("tiny_sd15.safetensors")
+    assert __import__("lens_ops.workflow", fromlist=["x"]).check_prompt(prompt, comfy_server.object_info()) == []
+    off = os.path.getsize(comfy_server.log_path)
+    entry, _, secs = run_workflow(comfy_server, prompt)
+    TIMINGS["tiny checkpoint: 2-step 64x64 sample"] = secs
+    assert entry["status"]["status_str"] == "success", errors_of(entry)
+    log = _log_since(comfy_server, off)
+    assert "model_type EPS" in log, log[-2000:]
+    assert "unet missing" not in log and "clip missing" not in log, log[-2000:]
+    img, path = _image(comfy_server, entry)
+    assert img.shape == (64, 64, 3)
+    assert img.std() > 0.5, f"{path} is one flat colour (NaN/inf in sampling or decoding?)"
+
+
+def test_core_lora_loader_applies_sd15_lora(comfy_server):
+    """A generated SD 1.5 kohya LoRA (rank 4) through core LoraLoader: every key applies (no 'lora key not
+    loaded' in the server log) and, at a visible strength, the sample changes."""
+    from lens_ops.synth import make_lora
+    place_checkpoint(comfy_server, "tiny_sd15.safetensors")
+    sd = make_lora("sd15_kohya", rank=4, seed=3)
+    save_file(dict(sd), os.path.join(comfy_server.loras, "sd15_r4.safetensors"))
+    base, _ = _image(comfy_server, comfy_server.run(_sample_prompt("tiny_sd15.safetensors", seed=11)))
+    off = os.path.getsize(comfy_server.log_path)
+    entry, _, secs = run_workflow(comfy_server, _sample_prompt("tiny_sd15.safetensors", "sd15_r4.safetensors",
+                                                               strength=8.0, seed=11))
+    TIMINGS["tiny checkpoint + LoraLoader (sd15_kohya r4)"] = secs
+    assert entry["status"]["status_str"] == "success", errors_of(entry)
+    log = _log_since(comfy_server, off)
+    assert "lora key not loaded" not in log, [l for l in log.splitlines() if "lora key not loaded" in l][:5]
+    with_lora, _ = _image(comfy_server, entry)
+    assert abs(with_lora - base).max() > 0, "the LoRA changed nothing in the sample"
+
+
+@pytest.mark.parametrize("path", API_FILES, ids=lambda p: os.path.splitext(os.path.basename(p))[0])
+def test_example_workflow_runs(path, comfy_server):
+    name = os.path.splitext(os.path.basename(path))[0]
+    with open(path) as f:
+        prompt = json.load(f)
+    made = prepare(comfy_server, prompt)
+    info = comfy_server.object_info()
+    from lens_ops.workflow import check_prompt
+    assert check_prompt(prompt, info) == [], f"{name} does not fit this server's /object_info"
+    free_cache(comfy_server)
+    entry, new_files, secs = run_workflow(comfy_server, prompt)
+    TIMINGS[name] = secs
+    assert entry["status"]["status_str"] == "success", f"{name}: {errors_of(entry)}"
+    check_outputs(comfy_server, prompt, entry, info, new_files)
+    extra = EXTRA_CHECKS.get(name)
+    if extra:
+        extra(comfy_server, prompt, entry, made, new_files)
+
+
+def test_zz_report_timings(comfy_server):
+    """Not a check: prints how long each run took on this machine (run pytest with -s to see it)."""
+    print("\nworkflow timings on this machine (s):")
+    for k, v in TIMINGS.items():
+        print(f"  {v:7.1f}  {k}")
