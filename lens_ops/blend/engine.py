@@ -1,0 +1,282 @@
+"""BlendLoRAs engine: w₁·ΔW₁ + w₂·ΔW₂ (+ …) module by module, output in the first LoRA's convention and dtype.
+
+"Same as stacked": at strengths w_i the blend's ΔW is exactly Σ w_i·ΔW_i per module (concat; svd/pca up to the
+requested truncation), i.e. loading the blend at strength 1 equals loading every input at its strength.
+Kohya-style separate up/down merging ((Σ w_i·up_i)@(Σ w_i·down_i)) is not equivalent and is not used.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+
+from ..errors import LensError
+from ..kinds import UNKNOWN
+from ..model import LoRAModel, ensure_model
+from ..conflict.matching import canonical_key, check_architectures, scheme_of, SCHEME_WORDS
+from .methods import (concat_factors, dare_merge, dense_to_factors, randomized_blend, svd_blend, ties_merge)
+from .output import OutputStyle, merged_metadata
+from .weights import LayerFilter, parse_block_weights
+
+METHODS = ("concat", "svd", "pca", "randomized", "ties", "dare")
+
+
+def _label(m: LoRAModel, i: int) -> str:
+    import os
+    return os.path.basename(m.source) if m.source else f"LoRA {chr(65 + i)}"
+
+
+def _linear(m) -> bool:
+    return m.kind is not UNKNOWN and not m.kind.needs_base_weight and m.kind.name != "set"
+
+
+def _carry(m, coef: float, style: OutputStyle, first: bool, renamed_counter: list):
+    """A module only one input has, scaled by its strength; renamed into the first LoRA's convention if possible."""
+    if coef != 1.0:
+        if m.is_dora:
+            raise LensError(f"Module {m.name} is DoRA: its change is not linear in strength, so it cannot be "
+                            f"carried at strength {coef:g}; exclude it or use strength 1.")
+        if not _linear(m):
+            raise LensError(f"Module {m.name} ({m.kind.label}) changes weights relative to the base model and "
+                            f"cannot be scaled to strength {coef:g}; exclude it.")
+        m = m.with_tensors(m.kind.scaled(m, coef))
+    if first:
+        return m
+    name, ok = style.name_for(m)
+    if m.kind.name == "lora" and "mid" not in m.tensors and not m.is_dora and ok:
+        b, a, s = m.lowrank(torch.float32)
+        if "alpha" in m.tensors and style.has_alpha:
+            keep = {"up": b, "down": a}
+            out = style.lora_module(name, m.component, keep["up"], keep["down"], m.weight_shape(), want_alpha=False)
+            out.tensors["alpha"] = m.tensors["alpha"].clone()
+            out.keys["alpha"] = name + ".alpha"
+        else:
+            out = style.lora_module(name, m.component, b * s, a, m.weight_shape(), want_alpha=False)
+        renamed_counter[0] += int(name != m.name or out.keys["up"] != m.keys["up"])
+        return out
+    # keep its own names (and roles), only the dtype follows the first LoRA
+    tensors = {r: (style.cast(t) if (t.is_floating_point() and r != "alpha") else t) for r, t in m.tensors.items()}
+    renamed_counter[1] += 1
+    return type(m)(m.name, dict(m.keys), tensors, m.kind, m.component)
+
+
+def blend(loras: list, weights: list[float], method: str = "concat", rank: int = 0, device="cpu",
+          include: str | None = None, exclude: str | None = None, excluded_keep: str = "none",
+          block_weights: str | None = None, density: float = 0.5, seed: int = 0,
+          compute_dtype: torch.dtype = torch.float32, allow_disjoint: bool = False,
+          progress: Callable[[int, int], None] | None = None):
+    """Blend LoRAs (LoRAModel or LORA_MODEL dicts) at strengths `weights`. Returns (LoRAModel, report dict).
+
+    method: concat | svd | pca (= randomized) | ties | dare; rank: target rank (0 = exact / keep everything);
+    include/exclude: module names or regexes, one per line (the ConflictScan problem list works as is);
+    excluded_keep: 'none' drops excluded modules, 'first' keeps the first LoRA's module at its strength;
+    block_weights: SD.Next-style string (te=…, unet=…, in=…, mid=…, out=…, double0-9=…, single=…);
+    density: kept fraction for TIES/DARE; seed: DARE's random seed (reproducible)."""
+    method = method.lower()
+    if method not in METHODS:
+        raise LensError(f"Unknown blend method {method!r}; use one of {', '.join(METHODS)}.")
+    if len(loras) < 2:
+        raise LensError("Blending needs at least two LoRAs.")
+    if len(weights) != len(loras):
+        raise LensError(f"{len(loras)} LoRAs but {len(weights)} weights; give one weight per LoRA.")
+    weights = [float(w) for w in weights]
+    if not all(math.isfinite(w) for w in weights):
+        raise LensError("Blend weights must be finite numbers.")
+    if method in ("ties", "dare") and not 0 < density <= 1:
+        raise LensError(f"density must be in (0, 1] for {method}; got {density}.")
+    if rank < 0:
+        raise LensError("The target rank must be 0 (exact) or a positive number.")
+    if excluded_keep not in ("none", "first"):
+        raise LensError("excluded_keep must be 'none' or 'first'.")
+    models = [ensure_model(x) for x in loras]
+    for i in range(1, len(models)):
+        check_architectures(models[0], models[i])
+    bw = parse_block_weights(block_weights)
+    style = OutputStyle(models[0])
+
+    # ---- pair modules across inputs by canonical target, in the first LoRA's order, then the others'
+    groups: dict[str, list] = {}
+    unknown_first = []
+    for i, m in enumerate(models):
+        seen = set()
+        for mod in m.modules:
+            if mod.kind is UNKNOWN:
+                if i == 0:
+                    unknown_first.append(mod)
+                continue
+            key = canonical_key(mod)
+            if key in seen:
+                raise LensError(f"{_label(m, i)} holds two modules for the same layer ({key}); remove the duplicate.")
+            seen.add(key)
+            groups.setdefault(key, [None] * len(models))[i] = mod
+    shared = [k for k, g in groups.items() if sum(x is not None for x in g) > 1]
+    schemes = [{s for mod in m.modules if (s := scheme_of(mod))} for m in models]
+    warnings = []
+    for i in range(1, len(models)):
+        if schemes[0] and schemes[i] and not (schemes[0] & schemes[i]):
+            warnings.append(f"{_label(models[0], 0)} uses {', '.join(SCHEME_WORDS[s] for s in sorted(schemes[0]))} "
+                            f"and {_label(models[i], i)} uses {', '.join(SCHEME_WORDS[s] for s in sorted(schemes[i]))}; "
+                            "mapping between them is not implemented, so their diffusion-model modules are not paired "
+                            "but carried side by side (ComfyUI applies both, so the result is still the stacked sum).")
+    if not shared and not allow_disjoint:
+        raise LensError("The LoRAs change no layer in common, so there is nothing to blend"
+                        + (f": {warnings[0]}" if warnings else ".")
+                        + " Pass allow_disjoint to combine them anyway.")
+    known = {k for k in groups} | {mod.name for g in groups.values() for mod in g if mod is not None}
+    filt = LayerFilter(include, exclude, known)
+
+    out_modules = []
+    stats = {"blended": 0, "carried": 0, "excluded": 0, "kept_first_excluded": 0, "zero_weight": 0,
+             "dense_modules": 0, "renamed": 0, "kept_own_names": 0}
+    errors = {}
+    ranks = set()
+    renamed_counter = [0, 0]
+    total = len(groups)
+    with torch.no_grad():
+        for step, (key, group) in enumerate(groups.items()):
+            present = [(i, mod) for i, mod in enumerate(group) if mod is not None]
+            names = [key] + [mod.name for _, mod in present]
+            ref = present[0][1]
+            mult = bw.multiplier(ref) if bw else 1.0
+            if filt and not filt.keep(names):
+                stats["excluded"] += 1
+                if excluded_keep == "first" and group[0] is not None:
+                    out_modules.append(_carry(group[0], weights[0] * mult, style, True, renamed_counter))
+                    stats["kept_first_excluded"] += 1
+                _tick(progress, step, total)
+                continue
+            contrib = [(i, mod, weights[i] * mult) for i, mod in present if weights[i] * mult != 0.0]
+            if not contrib:
+                stats["zero_weight"] += 1
+                _tick(progress, step, total)
+                continue
+            if len(contrib) == 1:
+                i, mod, c = contrib[0]
+                if i == 0 or group[0] is None:
+                    out_modules.append(_carry(mod, c, style, i == 0, renamed_counter))
+                else:  # the first LoRA has the layer at weight 0: write the other's module under the first's name
+                    out_modules.append(_blend_module(key, group[0], [(mod, c)], method, rank, device, compute_dtype,
+                                                     style, density, seed, errors, stats))
+                stats["carried"] += 1
+                r = out_modules[-1].rank()
+                if r:
+                    ranks.add(r)
+                _tick(progress, step, total)
+                continue
+            target = group[0] if group[0] is not None else contrib[0][1]
+            out = _blend_module(key, target, [(mod, c) for _, mod, c in contrib], method, rank, device,
+                                compute_dtype, style, density, seed, errors, stats)
+            out_modules.append(out)
+            stats["blended"] += 1
+            r = out.rank()
+            if r:
+                ranks.add(r)
+            _tick(progress, step, total)
+    out_modules.extend(unknown_first)
+    if not any(m.kind is not UNKNOWN for m in out_modules):
+        raise LensError("Every module was excluded or had weight 0; the blend would be empty.")
+    stats["renamed"], stats["kept_own_names"] = renamed_counter
+    result = LoRAModel(out_modules, {}, None)
+    settings = {"method": method, "rank": rank, "weights": weights, "block_weights": bw.text or None,
+                "include": include or None, "exclude": (exclude or None) and f"{len(exclude.splitlines())} line(s)",
+                "density": density if method in ("ties", "dare") else None,
+                "seed": seed if method in ("dare", "pca", "randomized") else None}
+    settings = {k: v for k, v in settings.items() if v is not None}
+    metadata = merged_metadata(models, weights, settings, result, ranks)
+    result.metadata = metadata
+    notes = []
+    if method == "concat" and rank:
+        notes.append("concat is exact (rank r1+r2); the target rank was not applied — use svd to truncate.")
+    if style.source_dtype != style.dtype:
+        notes.append(f"The first LoRA is quantised ({style.source_dtype}); blended factors are written as "
+                     f"{style.dtype} because a blend is not representable on the quantised grid.")
+    if stats["kept_own_names"]:
+        notes.append(f"{stats['kept_own_names']} module(s) only the other LoRA(s) have keep their own key names "
+                     "(no safe renaming into the first LoRA's convention); ComfyUI applies them all the same.")
+    err_vals = list(errors.values())
+    report = {
+        "method": method, "target_rank": rank, "weights": weights,
+        "inputs": [{"file": _label(m, i), "architecture": m.architecture.label, "format": m.convention,
+                    "modules": len(m.modules), "weight": weights[i]} for i, m in enumerate(models)],
+        "output": {"modules": len(out_modules), "format": models[0].convention, "dtype": str(style.dtype).replace("torch.", ""),
+                   "ranks": sorted(ranks), "tensor_bytes": result.nbytes},
+        "modules": stats,
+        "shared_modules": len(shared),
+        "relative_error": {"max": max(err_vals) if err_vals else 0.0,
+                           "mean": sum(err_vals) / len(err_vals) if err_vals else 0.0,
+                           "worst": sorted(errors, key=errors.get, reverse=True)[:5]},
+        "block_weights": bw.text or None,
+        "warnings": warnings,
+        "notes": notes,
+    }
+    return result, report
+
+
+def _tick(progress, step, total):
+    if progress is not None:
+        progress(step + 1, total)
+
+
+def _blend_module(key, target, contrib, method, rank, device, dtype, style, density, seed, errors, stats):
+    """One output module from [(module, coefficient)]; named and typed like `target` (the first LoRA's)."""
+    for mod, _ in contrib:
+        if mod.is_dora:
+            raise LensError(f"Module {mod.name} is DoRA: its change depends on the base weight's norm, so no blend "
+                            "equals stacking; exclude it (its name works as an exclude item).")
+        if not _linear(mod):
+            raise LensError(f"Module {mod.name} ({mod.kind.label}) has no stand-alone ΔW, so it cannot be blended; "
+                            "exclude it.")
+    shape = tuple(target.weight_shape())
+    keys = target.keys if target.kind.name == "lora" and "mid" not in target.tensors else None
+    alpha_dtype = target.tensors["alpha"].dtype if "alpha" in target.tensors else None
+    want_alpha = ("alpha" in target.tensors) if target.kind.name == "lora" else None
+    factors = [mod.lowrank(dtype, device) for mod, _ in contrib]
+    coefs = [c for _, c in contrib]
+    lowrank_ok = all(f is not None for f in factors) and len(shape) >= 2
+    if lowrank_ok and method in ("concat", "svd", "pca", "randomized"):
+        if method == "concat":
+            up, down = concat_factors(factors, coefs)
+            err = 0.0
+        elif method == "svd":
+            up, down, err = svd_blend(factors, coefs, rank)
+        else:
+            up, down, err = randomized_blend(factors, coefs, rank, seed, key)
+        errors[target.name] = err
+        if up.shape[1] == 0:
+            up, down = up.new_zeros(up.shape[0], 1), down.new_zeros(1, down.shape[1])
+        return style.lora_module(target.name, target.component, up, down, shape, keys, alpha_dtype, want_alpha)
+    # dense route: TIES/DARE, or kinds without factors (LoHa, LoKr, diffs)
+    stats["dense_modules"] += 1
+    taus = []
+    for mod, c in contrib:
+        d = mod.delta(dtype, device)
+        taus.append(d.reshape(d.shape[0], -1) * c if d.ndim > 1 else d * c)
+    if method == "ties" and len(taus) > 1:
+        merged = ties_merge(taus, density)
+    elif method == "dare" and len(taus) > 1:
+        merged = dare_merge(taus, density, seed, key)
+    elif method == "dare":
+        merged = dare_merge(taus, density, seed, key)
+    else:
+        merged = taus[0].clone()
+        for t in taus[1:]:
+            merged += t
+    biases = [(mod.tensors.get("diff_b", mod.tensors.get("b_norm")), c) for mod, c in contrib]
+    bias = None
+    if any(b is not None for b, _ in biases):
+        bias = sum(b.to(dtype) * c for b, c in biases if b is not None)
+    if merged.ndim == 1 or len(shape) < 2:
+        errors[target.name] = 0.0
+        return style.diff_module(target.name, target.component, merged.reshape(shape), bias,
+                                 norm=all(mod.kind.name == "norm" for mod, _ in contrib))
+    exact = method == "concat" or (rank == 0 and method not in ("ties", "dare"))
+    if exact or bias is not None:
+        errors[target.name] = 0.0
+        return style.diff_module(target.name, target.component, merged.reshape(shape), bias)
+    k = rank if rank > 0 else sum((mod.rank() or 0) for mod, _ in contrib) or min(merged.shape)
+    up, down, err = dense_to_factors(merged, k)
+    errors[target.name] = err
+    if up.shape[1] == 0:
+        up, down = up.new_zeros(up.shape[0], 1), down.new_zeros(1, down.shape[1])
+    return style.lora_module(target.name, target.component, up, down, shape, keys, alpha_dtype, want_alpha)

@@ -1,0 +1,160 @@
+"""Per-module comparison of two LoRA modules from their factors only (the dense ΔW is never formed).
+
+With ΔW₁ = s₁B₁A₁ and ΔW₂ = s₂B₂A₂ everything comes from two small Gram matrices,
+G_B = [B₁ B₂]ᵀ[B₁ B₂] and G_A = [A₁; A₂][A₁; A₂]ᵀ (one pass over the factors, O((n+m)·(r₁+r₂)²)):
+
+- ‖ΔW₁‖² = s₁²·Σ(B₁ᵀB₁ ⊙ A₁A₁ᵀ), ⟨ΔW₁,ΔW₂⟩_F = s₁s₂·Σ(B₁ᵀB₂ ⊙ A₁A₂ᵀ) = s₁s₂·tr((B₁ᵀB₂)(A₂A₁ᵀ)),
+  cosine = ⟨ΔW₁,ΔW₂⟩ / (‖ΔW₁‖‖ΔW₂‖).
+- Orthonormal bases of the column spaces of B₁, B₂ (and of the row spaces, from A₁ᵀ, A₂ᵀ): Q = B·R⁻¹ where R is
+  the QR factor of B, obtained from the Gram (BᵀB = RᵀR; an eigen-decomposition is used so that numerically
+  dependent columns, singular value < 1e-3·largest, are dropped instead of blowing up). The cosines of the
+  principal angles between two spaces are the singular values of Q₁ᵀQ₂ = R₁⁻ᵀ(B₁ᵀB₂)R₂⁻¹.
+- Energy overlap: the share of ΔW₁'s energy inside B's column×row subspaces, ‖Q_B₂ᵀ ΔW₁ Q_A₂‖²/‖ΔW₁‖², and
+  the other way round.
+
+Modules of other kinds (LoHa, LoKr, full diffs) use their dense ΔW (they are rare and small). Gram products run in
+float32 on the given device by default (float64 with dtype=torch.float64); all small-matrix maths is float64.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+REL_TOL = 1e-3  # singular values below this fraction of the largest count as numerically zero
+
+
+def _basis(gram: torch.Tensor) -> torch.Tensor:
+    """W with Q = X·W orthonormal, spanning the numerically non-zero column space of X (gram = XᵀX)."""
+    lam, v = torch.linalg.eigh(gram)
+    top = lam.max().clamp_min(0)
+    keep = lam > (REL_TOL ** 2) * top
+    if top <= 0 or not bool(keep.any()):
+        return gram.new_zeros(gram.shape[0], 0)
+    return v[:, keep] / lam[keep].sqrt()
+
+
+def _angles(w1, g12, w2) -> torch.Tensor:
+    """Cosines of the principal angles between span(X₁W₁) and span(X₂W₂), descending."""
+    if w1.shape[1] == 0 or w2.shape[1] == 0:
+        return g12.new_zeros(0)
+    return torch.linalg.svdvals(w1.T @ g12 @ w2).clamp(0, 1)
+
+
+def _dims(shape) -> tuple[int, int]:
+    n = int(shape[0])
+    m = int(math.prod(shape[1:])) if len(shape) > 1 else 1
+    return n, m
+
+
+def _finish(out: dict, n1: float, n2: float, inner: float) -> dict:
+    tot = n1 * n1 + n2 * n2 + 2 * inner
+    summed = math.sqrt(max(tot, 0.0))
+    cos = inner / (n1 * n2) if n1 > 0 and n2 > 0 else 0.0
+    cos = max(-1.0, min(1.0, cos))
+    balance = 2 * n1 * n2 / (n1 * n1 + n2 * n2) if (n1 or n2) else 0.0
+    eo = out.get("energy_overlap")
+    ov = eo if eo is not None else abs(cos)
+    out.update({
+        "cosine": cos,
+        "norm_a": n1, "norm_b": n2,
+        "norm_ratio": (n1 / n2) if n2 > 0 else None,
+        "inner": inner,
+        "interference": summed / (n1 + n2) if (n1 + n2) > 0 else None,
+        "stack_gain": summed / max(n1, n2) if max(n1, n2) > 0 else None,
+        "balance": balance,
+        "conflict": balance * ov * (1 - cos) / 2,
+    })
+    return out
+
+
+def _chance(k1: int, k2: int, dim: int) -> float:
+    """Mean cos² of the principal angles between random k1- and k2-dim subspaces of R^dim."""
+    return max(k1, k2) / dim if dim else 0.0
+
+
+def lowrank_metrics(f1, f2, dtype=torch.float32) -> dict:
+    """Metrics of s₁B₁A₁ vs s₂B₂A₂ from factors (B: n×r, A: r×m, on one device)."""
+    (b1, a1, s1), (b2, a2, s2) = f1, f2
+    r1 = b1.shape[1]
+    b1, b2, a1, a2 = (t.to(dtype) for t in (b1, b2, a1, a2))
+    xb = torch.cat([b1, b2], 1)
+    xa = torch.cat([a1, a2], 0)
+    gb = (xb.T @ xb).double()
+    ga = (xa @ xa.T).double()
+    gb11, gb12, gb22 = gb[:r1, :r1], gb[:r1, r1:], gb[r1:, r1:]
+    ga11, ga12, ga22 = ga[:r1, :r1], ga[:r1, r1:], ga[r1:, r1:]
+    n1 = abs(s1) * math.sqrt(max(float((gb11 * ga11).sum()), 0.0))
+    n2 = abs(s2) * math.sqrt(max(float((gb22 * ga22).sum()), 0.0))
+    inner = s1 * s2 * float((gb12 * ga12).sum())
+    wb1, wb2, wa1, wa2 = _basis(gb11), _basis(gb22), _basis(ga11), _basis(ga22)
+    col, row = _angles(wb1, gb12, wb2), _angles(wa1, ga12, wa2)
+    n, m = b1.shape[0], a1.shape[1]
+    out = _subspace_fields(col, row, (wb1.shape[1], wb2.shape[1]), (wa1.shape[1], wa2.shape[1]), n, m)
+    # energy of ΔW₁ inside B's column × row spaces: ‖(Q_b2ᵀB₁)(A₁Q_a2)‖²
+    if n1 > 0 and n2 > 0 and wb2.shape[1] and wa2.shape[1] and wb1.shape[1] and wa1.shape[1]:
+        p12 = (wb2.T @ gb12.T) @ (ga12 @ wa2)          # Q_b2ᵀ B₁ A₁ Q_a2   (k×k)
+        p21 = (wb1.T @ gb12) @ (ga12.T @ wa1)          # Q_b1ᵀ B₂ A₂ Q_a1
+        e12 = min(1.0, s1 * s1 * float(p12.pow(2).sum()) / (n1 * n1))
+        e21 = min(1.0, s2 * s2 * float(p21.pow(2).sum()) / (n2 * n2))
+        out["energy_overlap"] = math.sqrt(e12 * e21)
+        out["energy_a_in_b"], out["energy_b_in_a"] = e12, e21
+    else:
+        out["energy_overlap"] = 0.0
+    out["method"] = "factors"
+    return _finish(out, n1, n2, inner)
+
+
+def _subspace_fields(col, row, kb, ka, n, m) -> dict:
+    kc, kr = min(kb), min(ka)
+    co = float(col.pow(2).sum()) / kc if kc else 0.0
+    ro = float(row.pow(2).sum()) / kr if kr else 0.0
+    return {
+        "subspace_overlap": math.sqrt(co * ro),
+        "column_overlap": co, "row_overlap": ro,
+        "column_overlap_chance": _chance(*kb, n), "row_overlap_chance": _chance(*ka, m),
+        "smallest_angle_deg": {"columns": math.degrees(math.acos(float(col[0]))) if col.numel() else None,
+                               "rows": math.degrees(math.acos(float(row[0]))) if row.numel() else None},
+        "rank_a": int(kb[0]), "rank_b": int(kb[1]),
+    }
+
+
+def dense_metrics(d1: torch.Tensor, d2: torch.Tensor) -> dict:
+    """The same metrics from two dense ΔW (LoHa, LoKr, diffs; float64)."""
+    d1, d2 = d1.double().reshape(d1.shape[0], -1), d2.double().reshape(d2.shape[0], -1)
+    n1, n2 = float(d1.norm()), float(d2.norm())
+    inner = float((d1 * d2).sum())
+    if d1.shape[1] == 1:  # 1-D changes (norm weights, biases): no subspaces
+        out = {"subspace_overlap": None, "column_overlap": None, "row_overlap": None,
+               "energy_overlap": abs(inner) / (n1 * n2) if n1 and n2 else 0.0}
+    else:
+        u1, s1, v1 = torch.linalg.svd(d1, full_matrices=False)
+        u2, s2, v2 = torch.linalg.svd(d2, full_matrices=False)
+        k1 = int((s1 > REL_TOL * s1[0]).sum()) if s1.numel() and s1[0] > 0 else 0
+        k2 = int((s2 > REL_TOL * s2[0]).sum()) if s2.numel() and s2[0] > 0 else 0
+        u1, v1, u2, v2 = u1[:, :k1], v1[:k1].T, u2[:, :k2], v2[:k2].T
+        col = torch.linalg.svdvals(u1.T @ u2).clamp(0, 1) if k1 and k2 else d1.new_zeros(0)
+        row = torch.linalg.svdvals(v1.T @ v2).clamp(0, 1) if k1 and k2 else d1.new_zeros(0)
+        out = _subspace_fields(col, row, (k1, k2), (k1, k2), d1.shape[0], d1.shape[1])
+        if k1 and k2 and n1 and n2:
+            e12 = float((u2.T @ d1 @ v2).pow(2).sum()) / (n1 * n1)
+            e21 = float((u1.T @ d2 @ v1).pow(2).sum()) / (n2 * n2)
+            out["energy_overlap"] = math.sqrt(min(e12, 1.0) * min(e21, 1.0))
+            out["energy_a_in_b"], out["energy_b_in_a"] = e12, e21
+        else:
+            out["energy_overlap"] = 0.0
+    out["method"] = "dense"
+    return _finish(out, n1, n2, inner)
+
+
+def module_metrics(ma, mb, device="cpu", dtype=torch.float32) -> dict | None:
+    """Metrics for one pair of modules, or None when either has no stand-alone ΔW (OFT, GLoRA, set_weight)."""
+    fa, fb = ma.lowrank(torch.float64 if dtype == torch.float64 else torch.float32, device), None
+    if fa is not None:
+        fb = mb.lowrank(fa[0].dtype, device)
+    if fa is not None and fb is not None:
+        return lowrank_metrics(fa, fb, dtype)
+    da, db = ma.delta(torch.float64, device), mb.delta(torch.float64, device)
+    if da is None or db is None:
+        return None
+    return dense_metrics(da, db)
