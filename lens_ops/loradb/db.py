@@ -125,7 +125,8 @@ def _write_entries(writer: Writer, header: dict, sources: list[Source], dedup: D
         out = (outputs or {}).get(i)
         model = src.model()
         before = writer.written
-        table, stats = encode_file(writer, out["path"] if out else src.path, dedup, level)
+        table, stats = encode_file(writer, out["path"] if out else src.path, dedup, level,
+                                   out.get("computed") if out else None)
         tdesc = writer.put_blob(_dumps(table), level=9)
         file_name = safe_file_name(src.file_name)
         if file_name in taken_files:
@@ -148,6 +149,7 @@ def _write_entries(writer: Writer, header: dict, sources: list[Source], dedup: D
             rec["layers"] = out["layers"] + rec["layers"]
             rec["error"] = out["error"]
             rec["settings"] = out.get("settings", {})
+            rec["stored_bytes"] += out.get("extra_bytes", 0)
         header["entries"].append(rec)
         new.append(rec)
         if progress:
@@ -215,8 +217,8 @@ def pack(out_path: str, items: Iterable, name: str = "", creator: str = "", desc
     try:
         if recipe or int8 or shared_basis != "off":
             from .lossy import prepare_lossy
-            lossy = prepare_lossy(srcs, recipe=recipe, int8=int8, shared_basis=shared_basis, snr_db=snr_db,
-                                  device=device, progress=progress)
+            lossy = prepare_lossy(srcs, writer, recipe=recipe, int8=int8, shared_basis=shared_basis,
+                                  snr_db=snr_db, level=level, device=device, progress=progress)
         _write_entries(writer, header, srcs, DedupIndex() if dedup else None, level,
                        lossy.outputs if lossy else None, progress)
         if lossy:

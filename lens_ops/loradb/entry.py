@@ -45,8 +45,48 @@ class DedupIndex:
                 self.map.setdefault((seg[6], seg[1], seg[4], seg[5]), (streams[seg[2]], seg[3]))
 
 
-def encode_file(writer, path: str, dedup: DedupIndex | None, level: int) -> tuple[dict, dict]:
-    """Encode the safetensors file at `path`; returns (entry table, stats)."""
+MM_DTYPES = {"F16": (torch.float16, np.float16, 2), "BF16": (torch.bfloat16, None, 2),
+             "F32": (torch.float32, np.float32, 4), "I8": (torch.int8, np.int8, 1)}
+MAX_INNER = 1 << 16
+
+
+def operand(stored: torch.Tensor, scale: torch.Tensor | None, transpose: bool) -> torch.Tensor:
+    """A stored matrix as float64 (× per-column scale), transposed if asked: the one rule pack and
+    extract both use, so computed tensors are bit-identical to what was checksummed at pack time."""
+    x = stored.to(torch.float64)
+    if scale is not None:
+        x = x * scale.to(torch.float64)[None, :]
+    return x.T if transpose else x
+
+
+def mm_product(x: torch.Tensor, y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return torch.matmul(x, y).to(dtype)
+
+
+def store_tensors(writer, tensors: dict, level: int) -> dict:
+    """Write tensors (grouped by element size) as byte-grouped streams; name -> ref dict."""
+    groups: dict[int, list] = {}
+    for name, t in tensors.items():
+        b = t.detach().contiguous().reshape(-1).view(torch.uint8).numpy() if t.numel() else np.zeros(0, np.uint8)
+        groups.setdefault(t.element_size(), []).append((name, t, b))
+    refs = {}
+    for e, items in groups.items():
+        desc = encode_stream(writer, np.concatenate([b for _, _, b in items]), e, level)
+        pos = 0
+        for name, t, b in items:
+            dt = next(k for k, v in MM_DTYPES.items() if v[0] == t.dtype)
+            refs[name] = {"desc": desc, "start": pos, "shape": [int(t.shape[0]), int(t.numel() // max(t.shape[0], 1))],
+                          "dtype": dt}
+            pos += b.size // e
+    return refs
+
+
+def encode_file(writer, path: str, dedup: DedupIndex | None, level: int,
+                computed: dict | None = None) -> tuple[dict, dict]:
+    """Encode the safetensors file at `path`; returns (entry table, stats). `computed` maps tensor names
+    to products of stored operands ({"x": op, "y": op}, op = ref + "scale" ref|None + "T"): those
+    tensors are not stored but recomputed at extraction (shared-basis coding)."""
+    computed = computed or {}
     tensors, _meta, data_start = read_header(path)
     with open(path, "rb") as f:
         raw = f.read()
@@ -69,8 +109,26 @@ def encode_file(writer, path: str, dedup: DedupIndex | None, level: int) -> tupl
     groups: dict[int, list] = {}
     pending: list = []
     dup_bytes = 0
+    def sid_of(desc):
+        sid = stream_ids.setdefault(id(desc), len(streams))
+        if sid == len(streams):
+            streams.append(desc)
+        return sid
+
+    def op_rec(op):
+        sc = op.get("scale")
+        return [sid_of(op["desc"]), op["start"], op["shape"][0], op["shape"][1], op["dtype"], bool(op.get("T")),
+                sid_of(sc["desc"]) if sc else -1, sc["start"] if sc else 0]
+
     for o0, o1, key, e, shape in spans:
         b = data[o0:o1]
+        if key in computed:
+            spec = computed[key]
+            dt = tensors[key]["dtype"]
+            rows = shape[0] if shape else 1
+            segments.append([o0, o1 - o0, "mm", dt, rows, (o1 - o0) // e // max(rows, 1),
+                             op_rec(spec["x"]), op_rec(spec["y"])])
+            continue
         rows, cols = _rows_cols(shape) if key is not None else (0, 0)
         digest = None
         if dedup is not None and o1 - o0 >= DEDUP_MIN_BYTES:
@@ -144,13 +202,9 @@ def decode_file(reader, table: dict, what: str, cap: int) -> np.ndarray:
     budget = [16 * size + 2**30]
     moves = []
     pos = 0
-    for seg in segments:
-        if (not isinstance(seg, list) or len(seg) < 6 or not _int(seg[0]) or not _int(seg[1]) or seg[0] != pos
-                or not _int(seg[2], 0, len(streams) - 1) or not _int(seg[3]) or not _int(seg[4]) or not _int(seg[5])):
-            raise LensError(f"{what}: malformed or out-of-order segment record.")
-        o0, n, sid, start, rows, cols = seg[:6]
-        if o0 + n > len(data):
-            raise LensError(f"{what}: a tensor runs past the end of the entry.")
+    def stream(sid):
+        if not _int(sid, 0, len(streams) - 1):
+            raise LensError(f"{what}: a tensor refers to a missing stream.")
         arr = decoded.get(sid)
         if arr is None:
             desc = streams[sid]
@@ -161,7 +215,48 @@ def decode_file(reader, table: dict, what: str, cap: int) -> np.ndarray:
             if budget[0] < 0:
                 raise LensError(f"{what}: its streams declare far more data than the entry holds.")
             arr = decoded[sid] = decode_stream(reader, desc, what)
-        e = streams[sid]["e"]
+        return arr, streams[sid]["e"]
+
+    def get_op(rec):
+        if not isinstance(rec, list) or len(rec) != 8 or rec[4] not in MM_DTYPES:
+            raise LensError(f"{what}: malformed computed-tensor operand.")
+        sid, start, r, c, dt, tr, ssid, sstart = rec
+        tdt, ndt, es = MM_DTYPES[dt]
+        if not (_int(start) and _int(r, 1, 1 << 24) and _int(c, 1, 1 << 24) and isinstance(tr, bool)):
+            raise LensError(f"{what}: malformed computed-tensor operand.")
+        arr, e = stream(sid)
+        if e != es or (start + r * c) * e > arr.size:
+            raise LensError(f"{what}: a computed tensor's operand lies outside its stream.")
+        raw = arr[start * e:(start + r * c) * e]
+        x = torch.from_numpy(raw.copy()).view(tdt).reshape(r, c)
+        scale = None
+        if ssid != -1:
+            sarr, se = stream(ssid)
+            if se != 4 or not _int(sstart) or (sstart + c) * 4 > sarr.size:
+                raise LensError(f"{what}: a computed tensor's scale lies outside its stream.")
+            scale = torch.from_numpy(sarr[sstart * 4:(sstart + c) * 4].copy()).view(torch.float32)
+        return operand(x, scale, tr)
+
+    for seg in segments:
+        if isinstance(seg, list) and len(seg) == 8 and seg[2] == "mm":
+            o0, n, _, dt, rows, cols, xr, yr = seg
+            if (not _int(o0) or o0 != pos or not _int(n) or o0 + n > len(data) or dt not in MM_DTYPES
+                    or not _int(rows, 1) or not _int(cols, 1) or rows * cols * MM_DTYPES[dt][2] != n):
+                raise LensError(f"{what}: malformed computed-tensor record.")
+            x, y = get_op(xr), get_op(yr)
+            if x.shape[0] != rows or y.shape[1] != cols or x.shape[1] != y.shape[0] or x.shape[1] > MAX_INNER:
+                raise LensError(f"{what}: a computed tensor's operands do not fit its shape.")
+            t = mm_product(x, y, MM_DTYPES[dt][0])
+            data[o0:o0 + n] = t.contiguous().reshape(-1).view(torch.uint8).numpy()
+            pos = o0 + n
+            continue
+        if (not isinstance(seg, list) or len(seg) < 6 or not _int(seg[0]) or not _int(seg[1]) or seg[0] != pos
+                or not _int(seg[2], 0, len(streams) - 1) or not _int(seg[3]) or not _int(seg[4]) or not _int(seg[5])):
+            raise LensError(f"{what}: malformed or out-of-order segment record.")
+        o0, n, sid, start, rows, cols = seg[:6]
+        if o0 + n > len(data):
+            raise LensError(f"{what}: a tensor runs past the end of the entry.")
+        arr, e = stream(sid)
         if n % e or (start + n // e) * e > arr.size:
             raise LensError(f"{what}: a tensor's stored range lies outside its stream.")
         src = arr[start * e:start * e + n]
