@@ -69,13 +69,16 @@ def factored_svd_transforms(b: torch.Tensor, a: torch.Tensor, scale: float = 1.0
         return None
     gb = (b.transpose(0, 1) @ b).double()
     ga = (a @ a.transpose(0, 1)).double()
-    return core_transforms(gb, ga, scale, max_cond)
+    return core_transforms(gb, ga, scale, max_cond, torch.float64 if b.dtype == torch.float64 else torch.float32)
 
 
-def core_transforms(gb: torch.Tensor, ga: torch.Tensor, scale=1.0, max_cond: float = 1e4):
+def core_transforms(gb: torch.Tensor, ga: torch.Tensor, scale=1.0, max_cond: float = 1e4,
+                    svd_dtype: torch.dtype = torch.float64):
     """Batched second half of `factored_svd_transforms` from float64 Gram matrices [..., r, r].
 
-    `scale` is a float or a tensor broadcastable to [...]. Returns (P, S, Qt, ok) where `ok` [...] marks
+    `scale` is a float or a tensor broadcastable to [...]. `svd_dtype` float32 runs the r×r SVD in single
+    precision (right when the Grams came from float32 factors: its errors, ~1e-7·σ_max, are those the
+    Grams already carry, at a quarter of the cost). Returns (P, S, Qt, ok) where `ok` [...] marks
     the entries this route decomposed accurately (the others must be redone with `factored_svd`).
     """
     single = gb.ndim == 2
@@ -96,9 +99,11 @@ def core_transforms(gb: torch.Tensor, ga: torch.Tensor, scale=1.0, max_cond: flo
         s_t = s_t.reshape(-1, 1, 1)
     rb, ra = lb.transpose(-2, -1), la.transpose(-2, -1)  # upper-triangular R factors
     core = s_t * (rb @ ra.transpose(-2, -1))
-    uc, s, vhc = torch.linalg.svd(core, full_matrices=False)
-    p = torch.linalg.solve_triangular(rb, uc, upper=True)                       # R_B⁻¹·Uc
-    qt = torch.linalg.solve_triangular(ra, vhc.transpose(-2, -1), upper=True).transpose(-2, -1)  # Vcᵀ·R_A⁻ᵀ
+    top = core.abs().amax(dim=(-2, -1), keepdim=True).clamp_min(1e-300)
+    uc, s, vhc = torch.linalg.svd((core / top).to(svd_dtype), full_matrices=False)
+    s = s.double() * top[..., 0]
+    p = torch.linalg.solve_triangular(rb, uc.double(), upper=True)                       # R_B⁻¹·Uc
+    qt = torch.linalg.solve_triangular(ra, vhc.double().transpose(-2, -1), upper=True).transpose(-2, -1)  # Vcᵀ·R_A⁻ᵀ
     if single:
         return p[0], s[0], qt[0], bool(ok[0])
     return p, s, qt, ok

@@ -233,7 +233,24 @@ class PruneSession:
         report = {"recipe": recipe.text, "settings": recipe.settings(), "threshold": threshold,
                   "modules": entries}
         report["total"] = totals(entries, self.model, out)
-        out.metadata = _metadata(self.model, out, recipe, report)
+        meta = _metadata(self.model, out, recipe, report)
+        growth = len(json.dumps(meta)) - len(json.dumps(self.model.metadata)) + 64
+        unchanged = len(new_modules) == len(self.model.modules) and all(
+            a is b for a, b in zip(new_modules, self.model.modules))
+        if unchanged or (report["total"]["bytes_saved"] < growth and recipe.rescale == 1.0):
+            # nothing (worth) changing: the output is the input itself, so it is never larger
+            out = LoRAModel(list(self.model.modules), self.model.metadata, self.model.source)
+            entries = [module_entry(m, m, self.decs.get(m.name),
+                                    torch.arange(self.decs[m.name].dims) if m.name in self.decs else None,
+                                    1.0, "kept bit-identical (no saving for this file)" if not unchanged else e["note"],
+                                    self.base is not None)
+                       for m, e in zip(self.model.modules, entries)] if not unchanged else entries
+            report["modules"] = entries
+            report["total"] = totals(entries, self.model, out)
+            report["unchanged"] = True
+            return out, report
+        out.metadata = meta
+        report["unchanged"] = False
         return out, report
 
 

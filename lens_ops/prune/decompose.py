@@ -69,38 +69,41 @@ def decompose(modules: list, device="cpu", progress: Callable[[int, int], None] 
     out: dict[str, Decomp] = {}
     by_rank = defaultdict(list)
     for m in todo:
-        by_rank[m.rank()].append(m)
-    for r, group in by_rank.items():
+        by_rank[(m.rank(), work_dtype(m.tensors["up"]))].append(m)
+    for (r, dt), group in by_rank.items():
         for start in range(0, len(group), CHUNK):
             chunk = group[start:start + CHUNK]
             grams_b, grams_a, scales, shapes, fallback = [], [], [], [], []
             for m in chunk:
-                dt = work_dtype(m.tensors["up"])
                 b, a = m.kind.lowrank(m, dt, device)
                 n, mm = b.shape[0], a.shape[1]
                 shapes.append((n, mm))
                 scales.append(m.scale())
-                if m.is_zero():
-                    fallback.append("zero")
-                elif r > min(n, mm):
-                    fallback.append("qr")
+                if r > min(n, mm):
+                    fallback.append("zero" if m.is_zero() else "qr")
                 else:
-                    fallback.append(None)
-                    grams_b.append((b.transpose(0, 1) @ b).double())
-                    grams_a.append((a @ a.transpose(0, 1)).double())
+                    gb1 = (b.transpose(0, 1) @ b).double()
+                    ga1 = (a @ a.transpose(0, 1)).double()
+                    if float(gb1.trace()) == 0.0 or float(ga1.trace()) == 0.0:
+                        fallback.append("zero")  # an all-zero factor: ΔW = 0
+                    else:
+                        fallback.append(None)
+                        grams_b.append(gb1)
+                        grams_a.append(ga1)
                 del b, a
             fast = [i for i, f in enumerate(fallback) if f is None]
             if fast:
                 gb = torch.stack(grams_b)
                 ga = torch.stack(grams_a)
                 del grams_b, grams_a
-                p, s, qt, ok = core_transforms(gb, ga, torch.tensor([scales[i] for i in fast], dtype=torch.float64))
+                p, s, qt, ok = core_transforms(gb, ga, torch.tensor([scales[i] for i in fast], dtype=torch.float64),
+                                           svd_dtype=dt)
                 del gb, ga
                 for j, i in enumerate(fast):
                     m = chunk[i]
                     if bool(ok[j]):
                         out[m.name] = Decomp(m, "factored", *shapes[i], r, scales[i], s[j].cpu(),
-                                             P=p[j].float(), Qt=qt[j].float())
+                                             P=p[j].to(dt), Qt=qt[j].to(dt))
                     else:
                         fallback[i] = "qr"
             for i, f in enumerate(fallback):
@@ -112,7 +115,7 @@ def decompose(modules: list, device="cpu", progress: Callable[[int, int], None] 
                     b, a = m.kind.lowrank(m, torch.float64, device)
                     u, s, vh = factored_svd(b, a, scales[i])
                     out[m.name] = Decomp(m, "explicit", *shapes[i], r, scales[i], s.cpu(),
-                                         U=u.float(), Vh=vh.float())
+                                         U=u.to(dt), Vh=vh.to(dt))
             done += len(chunk)
             if progress is not None:
                 progress(done, total)

@@ -41,12 +41,14 @@ def build_factors(dec, idx: torch.Tensor, rescale: float, scale: float, device="
     root = (s / abs(scale)).sqrt()
     sign = -1.0 if scale < 0 else 1.0
     if dec.route == "factored":
-        b, a = dec.module.kind.lowrank(dec.module, torch.float32, device)
-        p = dec.P.to(device)[:, idx] * (root * sign).float().to(device)
-        q = dec.Qt.to(device)[idx] * root.float().to(device).unsqueeze(1)
+        dt = dec.P.dtype
+        b, a = dec.module.kind.lowrank(dec.module, dt, device)
+        p = dec.P.to(device)[:, idx] * (root * sign).to(device, dt)
+        q = dec.Qt.to(device)[idx] * root.to(device, dt).unsqueeze(1)
         return b @ p, q @ a
+    dt = dec.U.dtype
     u, vh = dec.U.to(device)[:, idx], dec.Vh.to(device)[idx]
-    return u * (root * sign).float().to(device), vh * root.float().to(device).unsqueeze(1)
+    return u * (root * sign).to(device, dt), vh * root.to(device, dt).unsqueeze(1)
 
 
 def pruned_tensors(dec, idx: torch.Tensor, rescale: float, dtype=None, device="cpu") -> dict:
