@@ -1,0 +1,102 @@
+"""Lossy layers of .loradb (prune, int8, shared basis, and their combinations): extraction equals what was
+recorded (sha256), and the recorded ΔW error equals a dense float64 reference against the original."""
+from __future__ import annotations
+
+import itertools
+import math
+import os
+
+import pytest
+import torch
+
+from lens_ops import LoRAModel
+from lens_ops.loradb import open_collection, pack
+from lens_ops.st_io import save_file
+from lens_ops.synth import make_lora
+
+
+def _dense(sd: dict) -> dict:
+    """ΔW per module straight from the formula (float64): alpha/rank · up @ down."""
+    out = {}
+    for k in sd:
+        if k.endswith(".lora_up.weight"):
+            m = k[: -len(".lora_up.weight")]
+            up, down = sd[k].double().flatten(1), sd[m + ".lora_down.weight"].double().flatten(1)
+            alpha = float(sd[m + ".alpha"].double()) if m + ".alpha" in sd else down.shape[0]
+            out[m] = alpha / down.shape[0] * up @ down
+    return out
+
+
+def _variants(tmp_path, n=4, seed=0, modules=5):
+    """Checkpoints of one run: identical down (init) factors, up factors drifting inside their span + noise."""
+    base = make_lora("sdxl_kohya", rank=8, seed=seed, max_modules=modules, dtype=torch.float32)
+    g = torch.Generator().manual_seed(seed + 100)
+    files = []
+    for i in range(n):
+        sd = {}
+        for k, v in base.items():
+            if k.endswith("lora_up.weight"):
+                mix = torch.eye(v.shape[1]) + 0.15 * torch.randn(v.shape[1], v.shape[1], generator=g)
+                sd[k] = (v @ mix + 1e-4 * v.std() * torch.randn(v.shape, generator=g)).to(torch.float16)
+            else:
+                sd[k] = v.to(torch.float16)
+        p = tmp_path / f"step{i}.safetensors"
+        save_file(sd, str(p), base.metadata)
+        files.append(str(p))
+    return files
+
+
+def _check_recorded_errors(db, files):
+    with open_collection(db) as c:
+        for e, f in zip(c.entries, files):
+            got = c.extract_model(e).state_dict()
+            ref = _dense(LoRAModel.load(f).state_dict())
+            out = _dense(got)
+            sig = sum(float(r.pow(2).sum()) for r in ref.values())
+            err = sum(float((out[m].reshape(r.shape) - r).pow(2).sum()) for m, r in ref.items())
+            if e["lossless"]:
+                assert err == 0
+                continue
+            rec = e["error"]
+            assert math.isclose(rec["rel_error"], math.sqrt(err / sig), rel_tol=1e-3, abs_tol=1e-7)
+            yield e, 10 * math.log10(sig / err) if err else math.inf
+
+
+COMBOS = [dict(recipe=r, int8=q, shared_basis=s) for r, q, s in
+          itertools.product([None, "energy=0.9999"], [False, True], ["off", "on"]) if r or q or s != "off"]
+
+
+@pytest.mark.parametrize("opts", COMBOS, ids=lambda o: f"prune={bool(o['recipe'])},int8={o['int8']},sb={o['shared_basis']}")
+def test_every_lossy_combination(tmp_path, opts):
+    files = _variants(tmp_path, n=2, modules=3)
+    db = str(tmp_path / "c.loradb")
+    rep = pack(db, files, snr_db=35.0, **opts)
+    layers = set(itertools.chain.from_iterable(e["layers"] for e in rep["entries"]))
+    assert ("prune" in layers) == bool(opts["recipe"]) and ("int8" in layers) == opts["int8"]
+    assert ("shared-basis" in layers) == (opts["shared_basis"] == "on")
+    for e, snr in _check_recorded_errors(db, files):
+        if not opts["recipe"]:   # without pruning every lossy layer keeps the budget
+            assert snr >= 35.0 - 1e-6, (e["name"], snr)
+
+
+def test_shared_basis_auto_saves_bytes_at_budget(tmp_path):
+    files = _variants(tmp_path, n=5, seed=3)
+    lossless = pack(str(tmp_path / "a.loradb"), files)
+    rep = pack(str(tmp_path / "b.loradb"), files, shared_basis="auto", snr_db=35.0)
+    assert rep["collection"]["lossy"]["shared_basis_modules"] > 0
+    assert rep["loradb_bytes"] < 0.75 * lossless["loradb_bytes"]
+    snrs = [snr for _, snr in _check_recorded_errors(str(tmp_path / "b.loradb"), files)]
+    assert snrs and min(snrs) >= 35.0
+
+
+def test_shared_basis_auto_declines_unrelated(tmp_path):
+    """Unrelated LoRAs with flat spectra: no shared basis can meet 35 dB with fewer bytes."""
+    files = []
+    for i in range(3):
+        sd = make_lora("sdxl_kohya", rank=8, seed=10 + i, max_modules=4, eff_rank_median=200.0)
+        p = tmp_path / f"u{i}.safetensors"
+        save_file(sd, str(p), sd.metadata)
+        files.append(str(p))
+    rep = pack(str(tmp_path / "u.loradb"), files, shared_basis="auto")
+    assert rep["collection"]["lossy"]["shared_basis_modules"] == 0
+    assert all(e["lossless"] for e in rep["entries"])   # nothing lossy was applied: stored bit-exact
