@@ -269,6 +269,22 @@ def test_example_workflow_runs(path, comfy_server):
         extra(comfy_server, prompt, entry, made, new_files)
 
 
+def test_template_browser_lists_exactly_the_examples(comfy_server):
+    """ComfyUI's template browser lists every .json in the pack's example_workflows/ as a template: each must
+    be a UI workflow the frontend can open, and every example must be listed."""
+    from integration.conftest import PACK_NAME
+    listed = sorted(comfy_server.get("/api/workflow_templates").get(PACK_NAME, []))
+    ui_names = sorted(os.path.splitext(os.path.basename(p))[0] for p in glob.glob(os.path.join(API_DIR, "*.json")))
+    not_workflows = []
+    for name in listed:
+        data = comfy_server.get(f"/api/workflow_templates/{PACK_NAME}/{name}.json")
+        if not (isinstance(data, dict) and isinstance(data.get("nodes"), list) and "links" in data):
+            not_workflows.append(name)
+    assert not not_workflows, (f"the template browser lists {not_workflows}, which are not UI workflows "
+                               "(keep only workflows in example_workflows/)")
+    assert listed == ui_names
+
+
 def test_zz_report_timings(comfy_server):
     """Not a check: prints how long each run took on this machine (run pytest with -s to see it)."""
     print("\nworkflow timings on this machine (s):")
