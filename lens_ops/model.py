@@ -168,6 +168,8 @@ class LoRAModel:
         bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
         if bad:
             raise LensError(f"LoRA entry {bad[0]!r} is not a tensor.")
+        from .quantize.appformat import resolve_separate_scales  # lazy: that package builds on this module
+        state, _ = resolve_separate_scales(state)  # int8 + separate scale keys -> exact dequantized floats
         modules = _group(state)
         if all(m.kind is UNKNOWN for m in modules) and _looks_like_checkpoint(state):
             where = f"{os.path.basename(source)} " if source else "This file "

@@ -1,0 +1,99 @@
+"""QuantizeInt8 benchmark: quality of each rank-space preparation (naive per-tensor vs rebalanced vs
+rotated vs both vs auto) on generated SDXL r32 / FLUX r64 layouts, file size, and time against a plain
+safetensors load+save of an SDXL rank-128 file.
+
+Usage: python bench/quantize.py [--quality] [--time] [--runs 3] [--time-rank 128]
+Quality runs in this process (deterministic). Timings run each step in a fresh process (median of --runs).
+"""
+import argparse
+import os
+import statistics
+import sys
+import time
+
+from _common import ROOT, generated, run_timed, table
+
+sys.path.insert(0, ROOT)
+
+METHODS = ["naive", "rebalance", "rotate", "rebalance+rotate", "auto"]
+
+PLAIN = """
+from safetensors.torch import load_file, save_file
+t = time.perf_counter()
+sd = load_file({src!r})
+save_file(sd, {dst!r}, metadata={{}})
+elapsed = time.perf_counter() - t
+"""
+QUANT = """
+from lens_ops import LoRAModel
+from lens_ops.quantize import quantize_model
+t = time.perf_counter()
+m = LoRAModel.load({src!r})
+out, rep = quantize_model(m, method={method!r}, dense_metrics="off")
+out.save({dst!r}, out.metadata)
+elapsed = time.perf_counter() - t
+"""
+
+
+def quality(layouts):
+    import torch  # noqa: F401
+    from lens_ops import LoRAModel
+    from lens_ops.quantize import quantize_model
+    rows = []
+    for layout, rank in layouts:
+        src = generated(layout, rank)
+        model = LoRAModel.load(src)
+        size_in = os.path.getsize(src)
+        naive_med = None
+        for meth in METHODS:
+            t = time.perf_counter()
+            out, rep = quantize_model(model, method=meth, dense_metrics="off")
+            secs = time.perf_counter() - t
+            dst = src + f".{meth}.q.safetensors"
+            out.save(dst, out.metadata)
+            ratio = os.path.getsize(dst) / size_in
+            os.unlink(dst)
+            snrs = [p["delta"]["snr_db"] for p in rep["per_module"] if isinstance(p["delta"]["snr_db"], float)]
+            med = statistics.median(snrs)
+            naive_med = med if meth == "naive" else naive_med
+            used = ", ".join(f"{k} {v}" for k, v in sorted(rep["methods"].items(), key=lambda kv: -kv[1]))
+            rows.append([f"{layout} r{rank}", meth, f"{med:.2f}", f"{min(snrs):.2f}", f"{med - naive_med:+.2f}",
+                         f"{rep['delta']['snr_db']:.2f}", f"{100 * ratio:.1f} %", f"{secs:.1f}", used])
+            print(" | ".join(rows[-1]), flush=True)
+    print()
+    print(table(rows, ["LoRA", "method", "median ΔW SNR dB", "min dB", "vs naive dB", "total ΔW SNR dB",
+                       "file / fp16", "seconds", "chosen per module"]))
+
+
+def timing(rank, runs):
+    src = generated("sdxl_kohya", rank)
+    dst = src + ".bench.safetensors"
+    size = os.path.getsize(src) / 2**20
+    plain = run_timed(PLAIN.format(src=src, dst=dst), runs)
+    rows = [["plain safetensors load+save (baseline)", f"{plain['median']:.2f}", "1.00", f"{plain['peak_mib']:.0f}"]]
+    for meth in ["naive", "rebalance+rotate", "auto"]:
+        r = run_timed(QUANT.format(src=src, dst=dst, method=meth), runs)
+        label = f"quantize --method {meth}" + (" (default)" if meth == "auto" else "")
+        rows.append([label, f"{r['median']:.2f}", f"{r['median'] / plain['median']:.2f}", f"{r['peak_mib']:.0f}"])
+        print(" | ".join(rows[-1]), flush=True)
+    os.unlink(dst)
+    print(f"\nsdxl_kohya rank {rank}: {size:.0f} MiB fp16, median of {runs} fresh-process runs")
+    print(table(rows, ["step", "seconds", "× baseline", "peak MiB"]))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quality", action="store_true")
+    ap.add_argument("--time", action="store_true")
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--time-rank", type=int, default=128)
+    a = ap.parse_args()
+    both = not (a.quality or a.time)
+    if a.quality or both:
+        quality([("sdxl_kohya", 32), ("flux_kohya", 64)])
+    if a.time or both:
+        timing(a.time_rank, a.runs)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,113 @@
+"""`lora-lens quantize IN -o OUT [options]`: int8 (or fp8) LoRA with the per-tensor scales folded into
+alpha, so stock ComfyUI loads it exactly; or `--dequantize fp16|bf16` back to float tensors."""
+from __future__ import annotations
+
+import json
+import os
+
+from ..errors import LensError
+from ..model import LoRAModel
+from ..progress import Bar
+
+NAME = "quantize"
+ORDER = 40
+HELP = "int8/fp8 LoRA that stock ComfyUI loads exactly (scales folded into alpha), with quality numbers"
+DESCRIPTION = (HELP + ". Reports ΔW and stored-tensor SNR, MSE, MAE, max error and relative Frobenius error "
+               "per module and in total; warns under --min-snr dB and can keep those modules in fp16.")
+
+
+def add_quant_options(p, prefix_help: str = "") -> None:
+    from ..quantize import DEFAULT_MIN_SNR, METHODS
+    p.add_argument("--fp8", action="store_true", help="store fp8 e4m3fn instead of int8 (same scale folding)")
+    p.add_argument("--method", default="auto", choices=("auto",) + METHODS,
+                   help="how factor pairs are prepared before rounding (default auto: per module, the variant "
+                        "with the best measured ΔW SNR)")
+    p.add_argument("--min-snr", type=float, default=DEFAULT_MIN_SNR,
+                   help=f"warn for modules whose ΔW SNR is under this many dB (default {DEFAULT_MIN_SNR:g})")
+    p.add_argument("--keep-fp16", action="store_true",
+                   help="keep modules under --min-snr in their original precision (mixed file, still loadable)")
+    p.add_argument("--dense-metrics", default="auto", choices=("auto", "on", "off"),
+                   help="ΔW MAE and max error need the dense ΔW: auto computes them on small files")
+    p.add_argument("--json", action="store_true", help="print the full report (with per-module metrics) as JSON")
+    p.add_argument("--report", default=None, help="also write the full JSON report to this file")
+    p.add_argument("--show", type=int, default=5, help="list this many lowest-SNR modules (default 5)")
+
+
+def add_arguments(p):
+    p.add_argument("input", help="a LoRA .safetensors file (fp16/bf16/fp32, or int8/fp8 for --dequantize)")
+    p.add_argument("-o", "--output", required=True, help="output .safetensors file (never the input)")
+    p.add_argument("--dequantize", choices=("fp16", "bf16"), default=None,
+                   help="instead of quantizing, turn int8/fp8 (or app-style int8 with scale keys) into fp16/bf16")
+    add_quant_options(p)
+
+
+def _check_paths(args) -> None:
+    if not os.path.isfile(args.input):
+        raise LensError(f"{args.input} does not exist or is not a file.")
+    if os.path.exists(args.output) and os.path.samefile(args.input, args.output):
+        raise LensError(f"Refusing to overwrite the input file {args.input}; choose another output name.")
+    if not args.output.lower().endswith(".safetensors"):
+        raise LensError(f"The output name {args.output!r} must end in .safetensors.")
+
+
+def quantize_and_print(model, args, extra_report: dict | None = None) -> dict:
+    from ..quantize import format_report, quantize_model
+    bar = Bar("quantize")
+    out, rep = quantize_model(model, fmt="fp8" if args.fp8 else "int8", method=args.method,
+                              min_snr=args.min_snr, keep_below=args.keep_fp16, dense_metrics=args.dense_metrics,
+                              device=args.device, progress=bar)
+    path = out.save(args.output, out.metadata)
+    rep["output"] = path
+    rep["input_file_bytes"] = os.path.getsize(args.input)
+    rep["output_file_bytes"] = os.path.getsize(path)
+    rep["file_ratio"] = rep["output_file_bytes"] / rep["input_file_bytes"]
+    if extra_report:
+        rep = {**extra_report, "quantize": rep}
+    full = rep
+    if args.report:
+        with open(args.report, "w") as f:
+            json.dump(full, f, indent=2, default=str)
+    if args.json:
+        print(json.dumps(full, indent=2, default=str))
+    else:
+        q = full["quantize"] if extra_report else full
+        print(format_report(q, per_module=args.show))
+        print(f"File: {q['input_file_bytes'] / 2**20:.2f} MiB -> {q['output_file_bytes'] / 2**20:.2f} MiB "
+              f"({100 * q['file_ratio']:.1f} %), written to {path}")
+    return full
+
+
+def run(args) -> int:
+    _check_paths(args)
+    model = LoRAModel.load(args.input)
+    if args.dequantize:
+        from ..quantize import dequantize_model
+        out, rep = dequantize_model(model, args.dequantize)
+        path = out.save(args.output, out.metadata)
+        rep.update(output=path, output_file_bytes=os.path.getsize(path), input_file_bytes=os.path.getsize(args.input))
+        if args.json:
+            print(json.dumps(rep, indent=2))
+        else:
+            print(f"Dequantized {rep['modules_converted']} module(s) to {args.dequantize}; "
+                  f"{rep['input_file_bytes'] / 2**20:.2f} MiB -> {rep['output_file_bytes'] / 2**20:.2f} MiB, "
+                  f"written to {path}")
+        return 0
+    quantize_and_print(model, args)
+    return 0
+
+
+def demo(ctx):
+    """Quantize the sample to int8, reload it and check ΔW against the fp16 original."""
+    import torch
+    from ..quantize import format_report, quantize_model
+    model = LoRAModel.load(ctx.sample)
+    out, rep = quantize_model(model, device=ctx.device)
+    path = out.save(ctx.path("sample_int8.safetensors"), out.metadata)
+    back = LoRAModel.load(path)
+    m0 = next(m for m in model.modules if m.kind.name == "lora")
+    m1 = back.get(m0.name)
+    d0, d1 = m0.delta(torch.float64), m1.delta(torch.float64)
+    rel = float((d1 - d0).norm() / d0.norm())
+    ctx.say("quantize (int8)", format_report(rep, per_module=0) +
+            f"\nsaved {os.path.basename(path)} ({os.path.getsize(path) / 2**20:.1f} MiB vs "
+            f"{os.path.getsize(ctx.sample) / 2**20:.1f} MiB); reloaded ΔW of {m0.name}: relative error {rel:.2e}")

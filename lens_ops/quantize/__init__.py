@@ -1,0 +1,227 @@
+"""QuantizeInt8: int8 (or fp8) LoRAs that stock ComfyUI applies exactly, with honest quality numbers.
+
+`quantize_model(model, ...)` → (LoRAModel, report): every LoRA/LoCon/Tucker/DoRA/LoHa/LoKr module's
+factors are stored as int8 with one scale per tensor, and the scales are folded into the module's
+alpha (see fold.py), so core's loader (tensors cast to float, times alpha/rank) applies the
+dequantized ΔW with no custom code. Before rounding each factor pair may be rebalanced and rotated in
+rank space (ΔW unchanged); `method="auto"` measures the candidates' exact ΔW error and keeps the best.
+`dequantize_model(model, "fp16"|"bf16")` turns such a file back into plain float tensors.
+"""
+from __future__ import annotations
+
+import math
+import statistics
+from typing import Callable
+
+import torch
+
+from ..errors import LensError
+from ..model import LoRAModel, ensure_model
+from .codec import FORMATS, is_quantized
+from .fold import FOLDABLE, ModuleResult, quantize_module
+from .metrics import Stats
+from .transforms import METHODS
+
+DEFAULT_METHOD = "auto"
+DEFAULT_MIN_SNR = 40.0
+DENSE_BUDGET = 1 << 26  # ΔW entries: below this the dense ΔW metrics (MAE, max error) come for free-ish
+DENSE_MODES = ("auto", "on", "off")
+FMT_LABEL = {"int8": "int8", "fp8": "fp8 (e4m3fn)"}
+
+__all__ = ["quantize_model", "dequantize_model", "format_report", "METHODS", "FORMATS", "DEFAULT_METHOD",
+           "DEFAULT_MIN_SNR"]
+
+
+def _check_finite(model: LoRAModel) -> None:
+    for m in model.modules:
+        n = m.nonfinite()
+        if n:
+            raise LensError(f"Module {m.name} contains {n} NaN/Inf value(s); refusing to quantize "
+                            "(fix or remove that module first).")
+
+
+def _dense_size(model: LoRAModel) -> int:
+    total = 0
+    for m in model.modules:
+        if m.kind.name == "lora":
+            total += math.prod(int(d) for d in m.weight_shape())
+    return total
+
+
+def quantize_model(model, fmt: str = "int8", method: str = DEFAULT_METHOD, min_snr: float = DEFAULT_MIN_SNR,
+                   keep_below: bool = False, dense_metrics: str = "auto", device="cpu",
+                   progress: Callable[[int, int], None] | None = None) -> tuple[LoRAModel, dict]:
+    """Quantize every foldable module. Modules whose ΔW SNR is under `min_snr` dB are reported and, with
+    `keep_below`, kept in their original precision (a mixed file, still loadable)."""
+    model = ensure_model(model)
+    if fmt not in FORMATS:
+        raise LensError(f"Unknown format {fmt!r}; use int8 or fp8.")
+    if method != "auto" and method not in METHODS:
+        raise LensError(f"Unknown method {method!r}; use auto, {', '.join(METHODS)}.")
+    if dense_metrics not in DENSE_MODES:
+        raise LensError(f"dense_metrics must be one of {', '.join(DENSE_MODES)}, not {dense_metrics!r}.")
+    if not isinstance(min_snr, (int, float)) or math.isnan(min_snr):
+        raise LensError("The SNR threshold must be a number of dB (e.g. 40).")
+    _check_finite(model)
+    if not any(m.kind.name in FOLDABLE for m in model.modules):
+        raise LensError("This LoRA has no LoRA/LoHa/LoKr modules to quantize (only kinds applied "
+                        "without alpha or relative to the base weight).")
+    dense = dense_metrics == "on" or (dense_metrics == "auto" and _dense_size(model) <= DENSE_BUDGET)
+    results: list[ModuleResult] = []
+    total = len(model.modules)
+    for i, m in enumerate(model.modules):
+        res = quantize_module(m, fmt, method, dense, device)
+        if res.quantized and keep_below:
+            snr = res.delta.snr_db
+            if snr is not None and snr < min_snr:
+                res = ModuleResult(m.name, m.kind.name, m, "kept (below threshold)",
+                                   "+".join(sorted({str(t.dtype).replace("torch.", "") for r, t in m.tensors.items()
+                                                    if r != "alpha"})),
+                                   res.delta, Stats(), quantized=False,
+                                   note=f"ΔW SNR {snr:.1f} dB < {min_snr:g} dB: kept in original precision",
+                                   alpha=m.alpha)
+                res.delta = Stats(res.delta.signal, 0.0, 0.0, 0.0, res.delta.count)
+                res.kept_snr = snr
+        results.append(res)
+        if progress is not None:
+            progress(i + 1, total)
+    out = model.replace_modules({r.name: r.module for r in results if r.quantized})
+    settings = {"format": fmt, "method": method, "min_snr_db": min_snr, "keep_below": bool(keep_below)}
+    out.metadata = model.with_provenance("quantize", settings)
+    report = build_report(model, out, results, fmt, method, min_snr, keep_below, dense)
+    return out, report
+
+
+def _median(xs):
+    return statistics.median(xs) if xs else None
+
+
+def build_report(src: LoRAModel, out: LoRAModel, results: list[ModuleResult], fmt, method, min_snr,
+                 keep_below, dense) -> dict:
+    delta, tens = Stats(), Stats()
+    snrs, below, methods, kept = [], [], {}, []
+    zero = 0
+    for r in results:
+        if r.quantized:
+            delta.add(r.delta)
+            tens.add(r.tensors)
+            s = r.delta.snr_db
+            if s is None:
+                zero += 1
+            else:
+                snrs.append(s if math.isfinite(s) else 999.0)
+                if s < min_snr:
+                    below.append({"name": r.name, "snr_db": round(s, 2)})
+            key = r.method.split(" (")[0] if "carried" not in r.method else "carrier"
+            methods[key] = methods.get(key, 0) + 1
+        else:
+            kept.append({"name": r.name, "kind": r.kind, "reason": r.note})
+            if r.kept_snr is not None:
+                delta.add(r.delta)
+                below.append({"name": r.name, "snr_db": round(r.kept_snr, 2), "kept": True})
+    in_bytes, out_bytes = src.nbytes, out.nbytes
+    warnings = []
+    if below:
+        names = ", ".join(b["name"] for b in below[:5]) + (", …" if len(below) > 5 else "")
+        if keep_below:
+            warnings.append(f"{len(below)} module(s) under {min_snr:g} dB ΔW SNR were kept in their original "
+                            f"precision: {names}")
+        else:
+            warnings.append(f"{len(below)} module(s) under {min_snr:g} dB ΔW SNR: {names}. Use keep_fp16 "
+                            "(--keep-fp16) to keep them in fp16 (a mixed file, still loadable).")
+    return {
+        "format": FMT_LABEL[fmt], "method": method, "min_snr_db": min_snr, "keep_below": bool(keep_below),
+        "modules": len(results), "modules_quantized": sum(r.quantized for r in results),
+        "modules_kept": kept, "zero_modules": zero,
+        "input_tensor_bytes": in_bytes, "output_tensor_bytes": out_bytes,
+        "size_ratio": out_bytes / in_bytes if in_bytes else None,
+        "delta": {**delta.as_dict(), "median_snr_db": _median(snrs),
+                  "min_snr_db": min(snrs) if snrs else None, "dense": bool(dense)},
+        "stored": tens.as_dict(),
+        "methods": methods,
+        "below_threshold": below,
+        "warnings": warnings,
+        "per_module": [r.record() for r in results],
+    }
+
+
+def _num(x, unit="") -> str:
+    if x is None:
+        return "n/a"
+    if isinstance(x, str):
+        return x
+    return f"{x:.3g}{unit}"
+
+
+def _metric_line(d: dict) -> str:
+    snr = d["snr_db"]
+    snr_txt = "exact (no error)" if snr == "inf" else ("n/a" if snr is None else f"{snr:.2f} dB")
+    rel = d["rel_frobenius"]
+    return (f"SNR {snr_txt}, MSE {_num(d['mse'])}, MAE {_num(d['mae'])}, max error {_num(d['max_error'])}, "
+            f"relative Frobenius error {'n/a' if rel is None else f'{100 * rel:.3f} %'}")
+
+
+def format_report(rep: dict, per_module: int = 0) -> str:
+    lines = [f"Quantized {rep['modules_quantized']} of {rep['modules']} modules to {rep['format']} "
+             f"(method {rep['method']}; per-tensor scales folded into alpha, loads in stock ComfyUI)."]
+    if rep["size_ratio"] is not None:
+        lines.append(f"Tensor bytes: {rep['input_tensor_bytes'] / 2**20:.2f} MiB -> "
+                     f"{rep['output_tensor_bytes'] / 2**20:.2f} MiB ({100 * rep['size_ratio']:.1f} %).")
+    d = rep["delta"]
+    med = "n/a" if d["median_snr_db"] is None else f"{d['median_snr_db']:.2f} dB"
+    mn = "n/a" if d["min_snr_db"] is None else f"{d['min_snr_db']:.2f} dB"
+    lines.append(f"ΔW (what the model sees): {_metric_line(d)}; per-module SNR median {med}, min {mn}.")
+    if not d["dense"]:
+        lines.append("  (ΔW MAE and max error need the dense ΔW; skipped on this large file — "
+                     "use dense metrics 'on' / --dense-metrics on.)")
+    lines.append(f"Stored tensors: {_metric_line(rep['stored'])}.")
+    if rep["methods"]:
+        lines.append("Methods: " + ", ".join(f"{k} {v}" for k, v in sorted(rep["methods"].items(), key=lambda kv: -kv[1])) + ".")
+    if rep["modules_kept"]:
+        lines.append(f"Kept unquantized: {len(rep['modules_kept'])} module(s) "
+                     f"({rep['modules_kept'][0]['name']}: {rep['modules_kept'][0]['reason']}).")
+    if rep["zero_modules"]:
+        lines.append(f"{rep['zero_modules']} all-zero module(s) (no ΔW, stored as zeros).")
+    for w in rep["warnings"]:
+        lines.append("Warning: " + w)
+    if per_module:
+        rows = sorted((m for m in rep["per_module"] if m["quantized"]),
+                      key=lambda m: (m["delta"]["snr_db"] if isinstance(m["delta"]["snr_db"], float) else 1e9))
+        lines.append(f"Lowest ΔW SNR modules (of {len(rows)}):")
+        for m in rows[:per_module]:
+            lines.append(f"  {m['name']}: {_num(m['delta']['snr_db'], ' dB')} ({m['method']})")
+    return "\n".join(lines)
+
+
+def dequantize_model(model, dtype: str = "fp16") -> tuple[LoRAModel, dict]:
+    """Every int8/fp8 module tensor back to fp16/bf16 with the folded scale moved out of alpha
+    (alpha = rank, each quantized factor times (scale)^(1/k)); ΔW unchanged up to fp16/bf16 rounding."""
+    model = ensure_model(model)
+    target = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}.get(dtype)
+    if target is None:
+        raise LensError(f"Cannot dequantize to {dtype!r}; use fp16 or bf16.")
+    new, n = {}, 0
+    for m in model.modules:
+        if m.kind.name not in FOLDABLE:
+            continue
+        roles = [r for r, t in m.tensors.items() if r != "alpha" and (is_quantized(t) or t.is_floating_point())]
+        qroles = [r for r in roles if is_quantized(m.tensors[r])]
+        t = dict(m.tensors)
+        rank = m.rank()
+        if qroles and rank is not None:
+            s = m.scale()
+            k = abs(s) ** (1.0 / len(qroles)) if s != 0 else 1.0
+            sign = -1.0 if s < 0 else 1.0
+            for i, r in enumerate(qroles):
+                f = k * (sign if i == 0 else 1.0)
+                t[r] = (m.tensors[r].to(torch.float32) * f).to(target)
+            t["alpha"] = torch.tensor(float(rank), dtype=torch.float32)
+        for r in roles:
+            if r not in qroles or rank is None:
+                t[r] = m.tensors[r].to(torch.float32).to(target)
+        if qroles or any(m.tensors[r].dtype != target for r in roles):
+            n += 1
+            new[m.name] = m.with_tensors(t)
+    out = model.replace_modules(new)
+    out.metadata = model.with_provenance("dequantize", {"dtype": dtype})
+    return out, {"modules_converted": n, "dtype": dtype}

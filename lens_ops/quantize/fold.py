@@ -1,0 +1,227 @@
+"""Quantize one module and fold every per-tensor scale into its alpha, per module kind.
+
+ComfyUI casts each LoRA tensor to float and multiplies the product by alpha/dim (dim = the kind's
+rank; no alpha → 1). ΔW is linear in every factor (LoRA up/down/mid; LoHa's four factors and CP
+cores, since (w1a w1b)⊙(w2a w2b) is linear in each; LoKr's kron(w1, w2) in each side's factors), so
+per-tensor scales s_i multiply into one number: alpha_new = alpha_old·Π s_i, with alpha_old = dim
+where the file had no alpha (its scale was 1) and a new `.alpha` key is added. alpha is stored as a
+float32 0-dim tensor (fp16 would round the folded value).
+
+LoKr with neither side decomposed is applied by ComfyUI with scale 1 whatever alpha says, so alpha
+cannot carry a scale there: the smaller side is kept in float32 and carries the other side's scale
+("carrier"). DoRA's dora_scale stays float: ComfyUI multiplies the LoRA product by alpha/rank before
+the weight decomposition, so the folded alpha reaches it exactly.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import LensError
+from ..kinds.base import as_float
+from ..kinds.lora import fold_mid
+from ..model import DTYPE_NAMES, LoRAModule
+from . import transforms
+from .codec import decode, encode
+from .metrics import Stats, dense_stats, lowrank_error, lowrank_signal, tensor_stats
+
+FOLDABLE = ("lora", "loha", "lokr")
+PREDICT_MARGIN_DB = 3.0
+
+
+@dataclass
+class ModuleResult:
+    name: str
+    kind: str
+    module: LoRAModule           # the new module (or the original one when kept)
+    method: str
+    stored: str
+    delta: Stats = field(default_factory=Stats)
+    tensors: Stats = field(default_factory=Stats)
+    quantized: bool = True
+    note: str = ""
+    alpha: float | None = None
+    kept_snr: float | None = None   # ΔW SNR the module would have had, when kept for being under threshold
+
+    def record(self) -> dict:
+        return {"name": self.name, "kind": self.kind, "method": self.method, "stored": self.stored,
+                "quantized": self.quantized, "alpha": self.alpha, "note": self.note,
+                "delta": self.delta.as_dict(), "tensors": self.tensors.as_dict()}
+
+
+def _dense_dtype(m: LoRAModule) -> torch.dtype:
+    shape = m.weight_shape()
+    n = 1
+    for d in shape or ():
+        n *= int(d)
+    return torch.float64 if n <= (1 << 22) else torch.float32
+
+
+def predicted_noise(b: torch.Tensor, a: torch.Tensor, qmax: float = 127.0) -> float:
+    """Expected ‖b@a − b̂@â‖² for independent uniform rounding errors (step Δ = max|x|/qmax):
+    n·Δ_b²/12·‖a‖² + m·Δ_a²/12·‖b‖². Used only to skip candidates that cannot win."""
+    db = float(b.abs().max()) / qmax
+    da = float(a.abs().max()) / qmax
+    return (b.shape[0] * db * db * float(a.pow(2).sum()) + a.shape[1] * da * da * float(b.pow(2).sum())) / 12.0
+
+
+def _candidates(method: str) -> list[str]:
+    return list(transforms.METHODS) if method == "auto" else [method]
+
+
+def _alpha_tensor(value: float) -> torch.Tensor:
+    return torch.tensor(float(value), dtype=torch.float32)
+
+
+def _method_label(method: str, r: int) -> str:
+    return method + (f" ({transforms.rotation_name(r)})" if "rotate" in method else "")
+
+
+def _lora(m: LoRAModule, fmt: str, method: str, dense: bool, device) -> ModuleResult:
+    t = m.tensors
+    up, down, mid = t["up"], t["down"], t.get("mid")
+    r = int(down.shape[0])
+    scale = m.scale()
+    alpha_old = m.alpha if m.alpha is not None else float(r)
+    b = as_float(up, torch.float32, device).flatten(start_dim=1)
+    a = as_float(down, torch.float32, device)
+    new = dict(t)
+    tstats = Stats()
+    if mid is not None:  # Tucker: three per-tensor scales, no rank-space transform (mid couples both sides)
+        mf = as_float(mid, torch.float32, device)
+        qb, sb = encode(b, fmt, f"Module {m.name} (up)")
+        qa, sa = encode(a, fmt, f"Module {m.name} (down)")
+        qm, sm = encode(mf, fmt, f"Module {m.name} (mid)")
+        bq, aq, mq = decode(qb, sb), decode(qa, sa), decode(qm, sm)
+        af, aqf = fold_mid(a, mf), fold_mid(aq, mq)
+        signal = lowrank_signal(b, af, scale)
+        err = lowrank_error(b, af, bq, aqf, scale)
+        for x, xq in ((b, bq), (a, aq), (mf, mq)):
+            tstats.add(tensor_stats(x, xq))
+        new.update(up=qb.reshape(up.shape).cpu(), down=qa.reshape(down.shape).cpu(), mid=qm.cpu())
+        s_total, chosen = sb * sa * sm, "naive (Tucker)"
+        count = b.shape[0] * af.shape[1]
+    else:
+        a = a.flatten(start_dim=1)
+        signal = lowrank_signal(b, a, scale)
+        cands = _candidates(method)
+        if len(cands) > 1 and fmt == "int8":
+            preds = {c: predicted_noise(*transforms.apply(c, b, a)) for c in cands}
+            best_pred = min(preds.values())
+            cands = [c for c in cands if preds[c] <= best_pred * 10 ** (PREDICT_MARGIN_DB / 10)]
+        best = None
+        for c in cands:
+            bt, at = transforms.apply(c, b, a)
+            qb, sb = encode(bt, fmt, f"Module {m.name} (up)")
+            qa, sa = encode(at, fmt, f"Module {m.name} (down)")
+            bq, aq = decode(qb, sb), decode(qa, sa)
+            err = lowrank_error(bt, at, bq, aq, scale)
+            if best is None or err < best[0]:
+                best = (err, c, bt, at, qb, sb, qa, sa, bq, aq)
+        err, chosen, bt, at, qb, sb, qa, sa, bq, aq = best
+        tstats.add(tensor_stats(bt, bq)).add(tensor_stats(at, aq))
+        new.update(up=qb.reshape(up.shape).cpu(), down=qa.reshape(down.shape).cpu())
+        s_total, chosen = sb * sa, _method_label(chosen, r)
+        count = b.shape[0] * a.shape[1]
+    alpha_new = alpha_old * s_total
+    new["alpha"] = _alpha_tensor(alpha_new)
+    mod = m.with_tensors(new)
+    delta = Stats(signal, err, None, None, count)
+    if dense:
+        w = _dense_dtype(m)
+        delta = dense_stats(m.delta(w, device), mod.delta(w, device))
+    return ModuleResult(m.name, m.kind.name, mod, chosen, fmt, delta, tstats, alpha=float(new["alpha"]))
+
+
+# LoHa / LoKr: (b_role, a_role) pairs that may be rebalanced/rotated, given the tensors present.
+def _pairs(m: LoRAModule) -> list[tuple[str, str]]:
+    t = m.tensors
+    if m.kind.name == "loha":
+        return [] if "hada_t1" in t else [("hada_w1_a", "hada_w1_b"), ("hada_w2_a", "hada_w2_b")]
+    pairs = []
+    if "lokr_w1_a" in t:
+        pairs.append(("lokr_w1_a", "lokr_w1_b"))
+    if "lokr_w2_a" in t and "lokr_t2" not in t:
+        pairs.append(("lokr_w2_a", "lokr_w2_b"))
+    return pairs
+
+
+def _factor_roles(m: LoRAModule) -> list[str]:
+    prefix = "hada_" if m.kind.name == "loha" else "lokr_"
+    return [r for r in m.tensors if r.startswith(prefix)]
+
+
+def _product_kind(m: LoRAModule, fmt: str, method: str, dense: bool, device) -> ModuleResult:
+    """LoHa and LoKr: every factor gets its own scale; scales fold into alpha (or into a float carrier)."""
+    roles = _factor_roles(m)
+    w = _dense_dtype(m)
+    ref = m.delta(w, device)
+    signal = float(ref.double().pow(2).sum())
+    pairs = _pairs(m)
+    rank = m.rank()
+    carrier = None
+    if m.kind.name == "lokr" and rank is None:  # ComfyUI ignores alpha here: fold into a float32 side
+        carrier = min(("lokr_w1", "lokr_w2"), key=lambda k: m.tensors[k].numel())
+    cands = _candidates(method) if pairs else ["naive"]
+    if method == "auto" and pairs:
+        cands = ["naive", "rebalance+rotate"]
+    best = None
+    for c in cands:
+        work = {k: as_float(v, torch.float32, device) for k, v in m.tensors.items() if k in roles}
+        for rb, ra in pairs:
+            b, a = work[rb], work[ra]
+            bt, at = transforms.apply(c, b.flatten(start_dim=1), a.flatten(start_dim=1))
+            work[rb], work[ra] = bt.reshape(b.shape), at.reshape(a.shape)
+        q, s_total, tstats = {}, 1.0, Stats()
+        for role in roles:
+            if role == carrier:
+                continue
+            qt, st = encode(work[role], fmt, f"Module {m.name} ({role})")
+            tstats.add(tensor_stats(work[role], decode(qt, st)))
+            q[role], s_total = qt, s_total * st
+        new = dict(m.tensors)
+        new.update({k: v.cpu() for k, v in q.items()})
+        if carrier is not None:
+            new[carrier] = (work[carrier] * s_total).to(torch.float32).cpu()
+        else:
+            alpha_old = m.alpha if m.alpha is not None else float(rank)
+            new["alpha"] = _alpha_tensor(alpha_old * s_total)
+        mod = m.with_tensors(new)
+        got = mod.delta(w, device)
+        st = dense_stats(ref, got)
+        st.signal = signal
+        if best is None or st.error < best[0].error:
+            best = (st, c, mod, tstats)
+    st, c, mod, tstats = best
+    r = rank or 0
+    label = _method_label(c, r) if pairs else "naive"
+    note = ""
+    if carrier is not None:
+        label += f", scales carried by {carrier} (float32)"
+        note = "LoKr without a decomposed side: ComfyUI ignores alpha here, so the scale rides on the smaller side."
+    alpha = float(mod.tensors["alpha"]) if "alpha" in mod.tensors else None
+    return ModuleResult(m.name, m.kind.name, mod, label, fmt, st, tstats, note=note, alpha=alpha)
+
+
+def quantize_module(m: LoRAModule, fmt: str = "int8", method: str = "auto", dense: bool = False,
+                    device="cpu") -> ModuleResult:
+    """Quantize one module; non-foldable kinds come back unchanged with quantized=False."""
+    if method not in ("auto",) + transforms.METHODS:
+        raise LensError(f"Unknown method {method!r}; use auto, {', '.join(transforms.METHODS)}.")
+    kind = m.kind.name
+    if kind == "lora":
+        return _lora(m, fmt, method, dense, device)
+    if kind in ("loha", "lokr"):
+        return _product_kind(m, fmt, method, dense, device)
+    why = {"diff": "full diff: ComfyUI applies it without alpha", "norm": "norm diff: applied without alpha",
+           "set": "set_weight replaces the weight", "unknown": "not a LoRA module this tool understands"}
+    reason = why.get(kind, "its change depends on the base weight")
+    stored = _dtype_label(m)
+    return ModuleResult(m.name, kind, m, "kept", stored, quantized=False, note=f"kept as is ({reason})",
+                        alpha=m.alpha)
+
+
+def _dtype_label(m: LoRAModule) -> str:
+    names = sorted({DTYPE_NAMES.get(t.dtype, str(t.dtype)) for r, t in m.tensors.items() if r != "alpha"})
+    return "+".join(names) or "none"

@@ -1,0 +1,286 @@
+"""QuantizeInt8: folding is exact for every kind and naming, metrics equal a float64 reference,
+degenerate tensors do not divide by zero, NaN is refused, size/quality targets on realistic layouts."""
+import math
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from lens_ops import LensError, LoRAModel
+from lens_ops.quantize import dequantize_model, format_report, quantize_model
+from lens_ops.quantize import transforms
+from lens_ops.quantize.codec import decode, encode
+from lens_ops.synth import make_lora
+from lora_factory import CONVENTIONS, convention_lora, gen, kind_tensors, rel_err
+
+FOLD_KINDS = ["lora", "lora_noalpha", "locon3x3", "tucker", "dora", "loha", "loha_cp", "lokr", "lokr_full", "lokr_ab"]
+NAME = "lora_unet_down_blocks_0_attentions_0_proj_in"
+
+
+def state_of(kind, seed=0, dtype=torch.float16):
+    t, _ = kind_tensors(kind, gen(seed), dtype)
+    return {NAME + k: v for k, v in t.items()}
+
+
+def naive_dequantized(state: dict, carrier_role: str | None = None) -> dict:
+    """Independent reference: every factor tensor replaced by round(x/s)·s, s = max|x|/127 (float64)."""
+    out = {}
+    for k, v in state.items():
+        if k.endswith((".alpha", ".dora_scale")) or (carrier_role and k.endswith(carrier_role)):
+            out[k] = v.double()
+            continue
+        x = v.float()
+        s = float(x.abs().max()) / 127
+        out[k] = (torch.round(x / s).clamp(-127, 127).double() * s) if s > 0 else x.double()
+    return out
+
+
+def roundtrip(tmp_path, out_model, name="q.safetensors"):
+    p = str(tmp_path / name)
+    out_model.save(p, out_model.metadata)
+    return LoRAModel.load(p), p
+
+
+@pytest.mark.parametrize("kind", FOLD_KINDS)
+def test_folding_is_exact(kind, tmp_path):
+    """ΔW of the saved int8 file (folded alpha, as ComfyUI applies it) == ΔW of the dequantized LoRA."""
+    sd = state_of(kind, seed=3)
+    q, rep = quantize_model(sd, method="naive", dense_metrics="on")
+    back, path = roundtrip(tmp_path, q)
+    raw = load_file(path)
+    m = back.modules[0]
+    factors = [k for k in raw if not k.endswith((".alpha", ".dora_scale"))]
+    carrier = ".lokr_w1" if kind == "lokr_full" else None
+    assert all(raw[k].dtype == torch.int8 for k in factors if not (carrier and k.endswith(carrier)))
+    ref_model = LoRAModel.from_state_dict(naive_dequantized(sd, carrier))
+    ref = ref_model.modules[0].delta(torch.float64)
+    got = m.delta(torch.float64)
+    assert rel_err(got, ref) < 2e-6, kind
+    if kind == "lokr_full":
+        assert raw[NAME + ".lokr_w1"].dtype == torch.float32 and raw[NAME + ".alpha"].item() == 7.0
+    else:
+        assert raw[NAME + ".alpha"].dtype == torch.float32 and raw[NAME + ".alpha"].ndim == 0
+    if kind == "dora":
+        assert raw[NAME + ".dora_scale"].dtype == torch.float16
+        assert torch.equal(raw[NAME + ".dora_scale"], sd[NAME + ".dora_scale"])
+
+
+@pytest.mark.parametrize("kind", FOLD_KINDS)
+@pytest.mark.parametrize("method", ["auto", "rebalance+rotate", "fp8"])
+def test_default_and_fp8_keep_delta(kind, method, tmp_path):
+    sd = state_of(kind, seed=4)
+    _, ref = kind_tensors(kind, gen(4), torch.float16)
+    ref = LoRAModel.from_state_dict(sd).modules[0].delta(torch.float64)
+    q, rep = quantize_model(sd, fmt="fp8" if method == "fp8" else "int8",
+                            method="auto" if method == "fp8" else method)
+    back, path = roundtrip(tmp_path, q)
+    raw = load_file(path)
+    want = torch.float8_e4m3fn if method == "fp8" else torch.int8
+    assert sum(t.dtype == want for t in raw.values()) >= (1 if kind == "lokr_full" else 2)
+    err = rel_err(back.modules[0].delta(torch.float64), ref)
+    assert err < (0.08 if method == "fp8" else 0.03), (kind, err)
+    # the reported ΔW error is the error of the file we wrote
+    assert rep["delta"]["rel_frobenius"] == pytest.approx(err, rel=1e-3, abs=1e-7)
+
+
+@pytest.mark.parametrize("conv", sorted(CONVENTIONS))
+def test_every_naming_convention(conv, tmp_path):
+    sd = convention_lora(conv, gen(1), n_modules=2, rank=4)
+    base = LoRAModel.from_state_dict(sd)
+    q, rep = quantize_model(sd)
+    back, path = roundtrip(tmp_path, q)
+    raw = load_file(path)
+    assert rep["modules_quantized"] == 2
+    for m0 in base.modules:
+        m1 = back.get(m0.name)
+        assert m1.kind.name == "lora" and m1.tensors["up"].dtype == torch.int8
+        assert m1.keys["up"] == m0.keys["up"] and m1.keys["down"] == m0.keys["down"]
+        assert m1.key_for("alpha") in raw  # added where the format had none
+        assert rel_err(m1.delta(torch.float64), m0.delta(torch.float64)) < 0.03
+
+
+def test_metrics_equal_float64_reference():
+    sd = make_lora("sd15_kohya", rank=8, seed=2, max_modules=6, dtype=torch.float32)
+    model = LoRAModel.from_state_dict(sd)
+    q, rep = quantize_model(model, dense_metrics="on")
+    sig = err = abs_sum = 0.0
+    mx, n = 0.0, 0
+    per = {p["name"]: p for p in rep["per_module"]}
+    for m0 in model.modules:
+        up, down = sd[m0.name + ".lora_up.weight"].double(), sd[m0.name + ".lora_down.weight"].double()
+        a0 = sd[m0.name + ".alpha"].item()
+        ref = (a0 / down.shape[0]) * (up.flatten(1) @ down.flatten(1))
+        m1 = q.get(m0.name)
+        a1 = m1.tensors["alpha"].double().item()
+        got = (a1 / down.shape[0]) * (m1.tensors["up"].double().flatten(1) @ m1.tensors["down"].double().flatten(1))
+        e = got - ref
+        d = per[m0.name]["delta"]
+        assert d["snr_db"] == pytest.approx(10 * math.log10(float((ref ** 2).sum() / (e ** 2).sum())), abs=1e-6)
+        assert d["mse"] == pytest.approx(float((e ** 2).mean()), rel=1e-9)
+        assert d["mae"] == pytest.approx(float(e.abs().mean()), rel=1e-9)
+        assert d["max_error"] == pytest.approx(float(e.abs().max()), rel=1e-9)
+        assert d["rel_frobenius"] == pytest.approx(float(e.norm() / ref.norm()), rel=1e-9)
+        sig += float((ref ** 2).sum()); err += float((e ** 2).sum()); abs_sum += float(e.abs().sum())
+        mx = max(mx, float(e.abs().max())); n += e.numel()
+    t = rep["delta"]
+    assert t["snr_db"] == pytest.approx(10 * math.log10(sig / err), abs=1e-6)
+    assert t["mse"] == pytest.approx(err / n, rel=1e-9) and t["mae"] == pytest.approx(abs_sum / n, rel=1e-9)
+    assert t["max_error"] == pytest.approx(mx, rel=1e-9)
+    assert t["rel_frobenius"] == pytest.approx(math.sqrt(err / sig), rel=1e-9)
+
+
+def test_factor_metrics_equal_dense_metrics():
+    """Without the dense pass, SNR/MSE/relative error come from the factors and still equal the dense ones."""
+    sd = make_lora("sdxl_kohya", rank=16, seed=5, max_modules=8)
+    _, dense = quantize_model(sd, dense_metrics="on")
+    _, fact = quantize_model(sd, dense_metrics="off")
+    assert fact["delta"]["mae"] is None and fact["delta"]["max_error"] is None
+    for a, b in zip(dense["per_module"], fact["per_module"]):
+        assert a["delta"]["snr_db"] == pytest.approx(b["delta"]["snr_db"], abs=2e-3)
+        assert a["delta"]["mse"] == pytest.approx(b["delta"]["mse"], rel=1e-3)
+
+
+def test_stored_tensor_metrics_equal_reference():
+    sd = convention_lora("kohya_unet", gen(3), n_modules=2, rank=8, dtype=torch.float32)
+    q, rep = quantize_model(sd, method="naive")
+    sig = err = 0.0
+    for k, v in sd.items():
+        if k.endswith(".alpha"):
+            continue
+        x = v.double()
+        s = float(x.abs().max()) / 127
+        e = torch.round(x / s).clamp(-127, 127) * s - x
+        sig += float((x ** 2).sum()); err += float((e ** 2).sum())
+    assert rep["stored"]["snr_db"] == pytest.approx(10 * math.log10(sig / err), abs=1e-4)
+
+
+def test_zero_and_constant_tensors_do_not_divide_by_zero(tmp_path):
+    up = torch.zeros(16, 4, dtype=torch.float16)
+    down = torch.full((4, 8), 0.25, dtype=torch.float16)
+    sd = {"lora_unet_a.lora_up.weight": up, "lora_unet_a.lora_down.weight": down,
+          "lora_unet_a.alpha": torch.tensor(2.0),
+          "lora_unet_b.lora_up.weight": torch.full((16, 4), -0.5), "lora_unet_b.lora_down.weight": torch.full((4, 8), 0.25),
+          "lora_unet_b.alpha": torch.tensor(4.0)}
+    q, rep = quantize_model(sd, dense_metrics="on")
+    back, _ = roundtrip(tmp_path, q)
+    for m in back.modules:
+        assert math.isfinite(m.alpha)
+        assert torch.isfinite(m.delta(torch.float64)).all()
+    assert not back.get("lora_unet_a").delta().any()
+    b0 = LoRAModel.from_state_dict(sd).get("lora_unet_b").delta(torch.float64)
+    assert torch.allclose(back.get("lora_unet_b").delta(torch.float64), b0, rtol=1e-6, atol=0)
+    assert rep["zero_modules"] == 1
+    text = format_report(rep)
+    assert "nan" not in text.lower()
+    q8, _ = encode(torch.zeros(3, 3))
+    assert not q8.any()
+    qc, s = encode(torch.full((5,), 3.0))
+    assert s == pytest.approx(3.0 / 127) and torch.equal(qc, torch.full((5,), 127, dtype=torch.int8))
+
+
+def test_nan_refused_and_nothing_written(tmp_path):
+    sd = convention_lora("kohya_unet", gen(0), n_modules=2, rank=4)
+    sd[next(k for k in sd if k.endswith("lora_down.weight"))][0, 0] = float("nan")
+    with pytest.raises(LensError, match="NaN"):
+        quantize_model(sd)
+    from lens_ops.cli import main
+    src = str(tmp_path / "nan.safetensors")
+    save_file(sd, src)
+    out = tmp_path / "out.safetensors"
+    assert main(["quantize", src, "-o", str(out)]) == 2
+    assert not out.exists()
+
+
+def test_transforms_keep_delta():
+    g = gen(7)
+    for r in (8, 12, 32):
+        b, a = torch.randn(40, r, generator=g, dtype=torch.float64), torch.randn(r, 30, generator=g, dtype=torch.float64)
+        q = transforms.rotation(r, torch.float64)
+        assert torch.allclose(q @ q.T, torch.eye(r, dtype=torch.float64), atol=1e-12)
+        for meth in transforms.METHODS:
+            b2, a2 = transforms.apply(meth, b, a)
+            assert torch.allclose(b2 @ a2, b @ a, atol=1e-10)
+    assert transforms.rotation_name(32) == "Hadamard"
+
+
+def test_threshold_warns_and_keeps_fp16(tmp_path):
+    sd = make_lora("sdxl_kohya", rank=8, seed=1, max_modules=6)
+    q, rep = quantize_model(sd, min_snr=200.0)
+    assert len(rep["below_threshold"]) == 6 and rep["warnings"] and "--keep-fp16" in rep["warnings"][0]
+    q, rep = quantize_model(sd, min_snr=200.0, keep_below=True)
+    back, path = roundtrip(tmp_path, q)
+    raw = load_file(path)
+    assert all(v.dtype == torch.float16 for v in raw.values())  # every module kept, original keys and dtypes
+    assert set(raw) == set(sd)
+    assert rep["delta"]["rel_frobenius"] == 0.0
+    q, rep = quantize_model(sd, min_snr=float(sorted(p["delta"]["snr_db"] for p in
+                                                     quantize_model(sd)[1]["per_module"])[2]) + 1e-6, keep_below=True)
+    kinds = {str(t.dtype) for t in q.state_dict().values()}
+    assert "torch.int8" in kinds and "torch.float16" in kinds  # mixed file
+    assert rep["modules_quantized"] == 3
+
+
+def test_dequantize_roundtrip(tmp_path):
+    sd = make_lora("sdxl_kohya", rank=8, seed=1, max_modules=5)
+    q, _ = quantize_model(sd)
+    for dt, tol in (("fp16", 2e-3), ("bf16", 1.5e-2)):
+        dq, rep = dequantize_model(q, dt)
+        assert rep["modules_converted"] == 5
+        for m0 in q.modules:
+            m1 = dq.get(m0.name)
+            assert m1.tensors["up"].dtype == getattr(torch, {"fp16": "float16", "bf16": "bfloat16"}[dt])
+            assert m1.alpha == m1.rank()
+            assert rel_err(m1.delta(torch.float64), m0.delta(torch.float64)) < tol
+
+
+def test_size_target(tmp_path):
+    sd = make_lora("sdxl_kohya", rank=32, seed=0, max_modules=60)
+    src = str(tmp_path / "in.safetensors")
+    save_file(sd, src, metadata=sd.metadata)
+    q, _ = quantize_model(LoRAModel.load(src))
+    _, out = roundtrip(tmp_path, q)
+    assert os.path.getsize(out) <= 0.52 * os.path.getsize(src)
+
+
+@pytest.mark.parametrize("layout,rank,mods", [("sdxl_kohya", 32, 48), ("flux_kohya", 64, 10)])
+def test_quality_targets(layout, rank, mods):
+    """Default: median per-module ΔW SNR ≥ 40 dB and ≥ 3 dB above naive per-tensor rounding."""
+    sd = make_lora(layout, rank=rank, seed=11, max_modules=mods)
+    _, best = quantize_model(sd, dense_metrics="off")
+    _, naive = quantize_model(sd, method="naive", dense_metrics="off")
+    assert best["delta"]["median_snr_db"] >= 40.0
+    assert best["delta"]["median_snr_db"] >= naive["delta"]["median_snr_db"] + 3.0
+
+
+def test_auto_is_best_measured():
+    sd = make_lora("sdxl_kohya", rank=16, seed=9, max_modules=6)
+    _, auto = quantize_model(sd, dense_metrics="off")
+    for meth in transforms.METHODS:
+        _, fixed = quantize_model(sd, method=meth, dense_metrics="off")
+        for a, f in zip(auto["per_module"], fixed["per_module"]):
+            assert a["delta"]["snr_db"] >= f["delta"]["snr_db"] - 0.05
+
+
+def test_app_separate_scale_files_read_as_dequantized(tmp_path):
+    """The desktop app's plain int8 (scale keys no loader reads) is read as its exact dequantized values."""
+    sd = convention_lora("kohya_unet", gen(2), n_modules=2, rank=4, dtype=torch.float32)
+    app, deq = {}, {}
+    for i, (k, v) in enumerate(sd.items()):
+        if k.endswith(".alpha"):
+            app[k] = deq[k] = v
+            continue
+        q, s = encode(v.float())
+        app[k] = q
+        app[(k + "_scale") if i % 2 else k[: -len(".weight")] + ".scale"] = torch.tensor(s, dtype=torch.float32)
+        deq[k] = decode(q, torch.tensor(s, dtype=torch.float32).item(), torch.float64)
+    p = str(tmp_path / "app.safetensors")
+    save_file(app, p)
+    got = LoRAModel.load(p)
+    ref = LoRAModel.from_state_dict(deq)
+    assert len(got.modules) == 2 and all(m.kind.name == "lora" for m in got.modules)
+    for m in ref.modules:
+        assert rel_err(got.get(m.name).delta(torch.float64), m.delta(torch.float64)) < 1e-6
+    q, rep = quantize_model(got)  # and it re-quantizes into the loadable folded form
+    assert rep["modules_quantized"] == 2
+    assert not any(k.endswith("scale") for k in q.state_dict())
