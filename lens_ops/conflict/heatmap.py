@@ -1,8 +1,8 @@
 """The conflict map: blocks (rows) × metrics (columns) as an RGB image, drawn with numpy.
 
 Cell colour says how worrying a value is (green → yellow → red): conflict score and the overlaps as they are,
-cosine as (1 − cos)/2 (opposed is worst), interference as 1 − value (cancellation is worst); the norm balance
-column is informative only (grey → blue). Labels are drawn with Pillow's built-in font when Pillow is installed
+cosine as max(0, −cos) (opposed changes), interference as how far it falls below the orthogonal level 1/√2
+(cancellation); the norm balance column is informative only (grey → blue). Labels are drawn with Pillow's built-in font when Pillow is installed
 (it always is inside ComfyUI); without it the map has no text.
 """
 from __future__ import annotations
@@ -13,16 +13,17 @@ from .scan import METRIC_COLUMNS, block_sort_key
 
 HEADERS = {"conflict": "conflict", "cosine": "cosine", "subspace_overlap": "subspace", "energy_overlap": "energy ov.",
            "interference": "interf.", "norm_balance": "balance"}
+ORTHO = 2 ** -0.5
 CELL_W, CELL_H, LABEL_W, HEAD_H = 72, 16, 84, 20
 
 
 def badness(metric: str, v):
     if v is None:
         return None
-    if metric == "cosine":
-        return (1 - v) / 2
-    if metric == "interference":
-        return 1 - v
+    if metric == "cosine":          # opposed changes are the worry; unrelated or aligned are fine here
+        return max(0.0, -v)
+    if metric == "interference":    # below the orthogonal level 1/√2 the changes cancel
+        return max(0.0, (ORTHO - v) / ORTHO)
     return float(v)
 
 

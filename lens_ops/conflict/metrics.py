@@ -6,9 +6,10 @@ G_B = [B₁ B₂]ᵀ[B₁ B₂] and G_A = [A₁; A₂][A₁; A₂]ᵀ (one pass 
 - ‖ΔW₁‖² = s₁²·Σ(B₁ᵀB₁ ⊙ A₁A₁ᵀ), ⟨ΔW₁,ΔW₂⟩_F = s₁s₂·Σ(B₁ᵀB₂ ⊙ A₁A₂ᵀ) = s₁s₂·tr((B₁ᵀB₂)(A₂A₁ᵀ)),
   cosine = ⟨ΔW₁,ΔW₂⟩ / (‖ΔW₁‖‖ΔW₂‖).
 - Orthonormal bases of the column spaces of B₁, B₂ (and of the row spaces, from A₁ᵀ, A₂ᵀ): Q = B·R⁻¹ where R is
-  the QR factor of B, obtained from the Gram (BᵀB = RᵀR; an eigen-decomposition is used so that numerically
-  dependent columns, singular value < 1e-3·largest, are dropped instead of blowing up). The cosines of the
-  principal angles between two spaces are the singular values of Q₁ᵀQ₂ = R₁⁻ᵀ(B₁ᵀB₂)R₂⁻¹.
+  the QR factor of B, obtained from the Gram (BᵀB = RᵀR by Cholesky; an eigen-decomposition instead when that is
+  ill-conditioned, dropping directions with singular value < 1e-3·largest). The cosines of the principal angles
+  between two spaces are the singular values of Q₁ᵀQ₂ = R₁⁻ᵀ(B₁ᵀB₂)R₂⁻¹; the overlap is their mean square,
+  ‖Q₁ᵀQ₂‖²_F / min(k₁, k₂).
 - Energy overlap: the share of ΔW₁'s energy inside B's column×row subspaces, ‖Q_B₂ᵀ ΔW₁ Q_A₂‖²/‖ΔW₁‖², and
   the other way round.
 
@@ -25,7 +26,18 @@ REL_TOL = 1e-3  # singular values below this fraction of the largest count as nu
 
 
 def _basis(gram: torch.Tensor) -> torch.Tensor:
-    """W with Q = X·W orthonormal, spanning the numerically non-zero column space of X (gram = XᵀX)."""
+    """W with Q = X·W orthonormal, spanning the numerically non-zero column space of X (gram = XᵀX).
+
+    Fast path: Cholesky XᵀX = LLᵀ (L = Rᵀ of the QR of X), W = L⁻ᵀ, when L is well conditioned. Otherwise an
+    eigen-decomposition drops the directions with singular value below REL_TOL of the largest."""
+    if gram.shape[0] == 0:
+        return gram.new_zeros(0, 0)
+    l, info = torch.linalg.cholesky_ex(gram)
+    if int(info) == 0:
+        d = l.diagonal()
+        if bool(d.min() > REL_TOL * d.max()) and bool(torch.isfinite(d).all()):
+            eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+            return torch.linalg.solve_triangular(l, eye, upper=False).T
     lam, v = torch.linalg.eigh(gram)
     top = lam.max().clamp_min(0)
     keep = lam > (REL_TOL ** 2) * top
@@ -34,11 +46,11 @@ def _basis(gram: torch.Tensor) -> torch.Tensor:
     return v[:, keep] / lam[keep].sqrt()
 
 
-def _angles(w1, g12, w2) -> torch.Tensor:
-    """Cosines of the principal angles between span(X₁W₁) and span(X₂W₂), descending."""
+def _cos2(w1, g12, w2) -> torch.Tensor:
+    """Σ cos²θ_k over the principal angles between span(X₁W₁) and span(X₂W₂) (= ‖Q₁ᵀQ₂‖²_F)."""
     if w1.shape[1] == 0 or w2.shape[1] == 0:
-        return g12.new_zeros(0)
-    return torch.linalg.svdvals(w1.T @ g12 @ w2).clamp(0, 1)
+        return g12.new_zeros(())
+    return (w1.T @ g12 @ w2).pow(2).sum()
 
 
 def _dims(shape) -> tuple[int, int]:
@@ -78,17 +90,13 @@ def lowrank_metrics(f1, f2, dtype=torch.float32) -> dict:
     (b1, a1, s1), (b2, a2, s2) = f1, f2
     r1 = b1.shape[1]
     b1, b2, a1, a2 = (t.to(dtype) for t in (b1, b2, a1, a2))
-    xb = torch.cat([b1, b2], 1)
-    xa = torch.cat([a1, a2], 0)
-    gb = (xb.T @ xb).double()
-    ga = (xa @ xa.T).double()
-    gb11, gb12, gb22 = gb[:r1, :r1], gb[:r1, r1:], gb[r1:, r1:]
-    ga11, ga12, ga22 = ga[:r1, :r1], ga[:r1, r1:], ga[r1:, r1:]
+    gb11, gb12, gb22 = (b1.T @ b1).double(), (b1.T @ b2).double(), (b2.T @ b2).double()
+    ga11, ga12, ga22 = (a1 @ a1.T).double(), (a1 @ a2.T).double(), (a2 @ a2.T).double()
     n1 = abs(s1) * math.sqrt(max(float((gb11 * ga11).sum()), 0.0))
     n2 = abs(s2) * math.sqrt(max(float((gb22 * ga22).sum()), 0.0))
     inner = s1 * s2 * float((gb12 * ga12).sum())
     wb1, wb2, wa1, wa2 = _basis(gb11), _basis(gb22), _basis(ga11), _basis(ga22)
-    col, row = _angles(wb1, gb12, wb2), _angles(wa1, ga12, wa2)
+    col, row = _cos2(wb1, gb12, wb2), _cos2(wa1, ga12, wa2)
     n, m = b1.shape[0], a1.shape[1]
     out = _subspace_fields(col, row, (wb1.shape[1], wb2.shape[1]), (wa1.shape[1], wa2.shape[1]), n, m)
     # energy of ΔW₁ inside B's column × row spaces: ‖(Q_b2ᵀB₁)(A₁Q_a2)‖²
@@ -105,16 +113,15 @@ def lowrank_metrics(f1, f2, dtype=torch.float32) -> dict:
     return _finish(out, n1, n2, inner)
 
 
-def _subspace_fields(col, row, kb, ka, n, m) -> dict:
+def _subspace_fields(col2, row2, kb, ka, n, m) -> dict:
+    """col2/row2: Σ cos² of the principal angles (column / row spaces); kb/ka: subspace dimensions."""
     kc, kr = min(kb), min(ka)
-    co = float(col.pow(2).sum()) / kc if kc else 0.0
-    ro = float(row.pow(2).sum()) / kr if kr else 0.0
+    co = min(1.0, float(col2) / kc) if kc else 0.0
+    ro = min(1.0, float(row2) / kr) if kr else 0.0
     return {
         "subspace_overlap": math.sqrt(co * ro),
         "column_overlap": co, "row_overlap": ro,
         "column_overlap_chance": _chance(*kb, n), "row_overlap_chance": _chance(*ka, m),
-        "smallest_angle_deg": {"columns": math.degrees(math.acos(float(col[0]))) if col.numel() else None,
-                               "rows": math.degrees(math.acos(float(row[0]))) if row.numel() else None},
         "rank_a": int(kb[0]), "rank_b": int(kb[1]),
     }
 
@@ -133,8 +140,8 @@ def dense_metrics(d1: torch.Tensor, d2: torch.Tensor) -> dict:
         k1 = int((s1 > REL_TOL * s1[0]).sum()) if s1.numel() and s1[0] > 0 else 0
         k2 = int((s2 > REL_TOL * s2[0]).sum()) if s2.numel() and s2[0] > 0 else 0
         u1, v1, u2, v2 = u1[:, :k1], v1[:k1].T, u2[:, :k2], v2[:k2].T
-        col = torch.linalg.svdvals(u1.T @ u2).clamp(0, 1) if k1 and k2 else d1.new_zeros(0)
-        row = torch.linalg.svdvals(v1.T @ v2).clamp(0, 1) if k1 and k2 else d1.new_zeros(0)
+        col = (u1.T @ u2).pow(2).sum() if k1 and k2 else d1.new_zeros(())
+        row = (v1.T @ v2).pow(2).sum() if k1 and k2 else d1.new_zeros(())
         out = _subspace_fields(col, row, (k1, k2), (k1, k2), d1.shape[0], d1.shape[1])
         if k1 and k2 and n1 and n2:
             e12 = float((u2.T @ d1 @ v2).pow(2).sum()) / (n1 * n1)

@@ -1,0 +1,132 @@
+"""ConflictScan and BlendLoRAs benchmarks (issue 6), each step in a fresh process, baselines in the same run.
+
+1. Conflict scan of two SDXL rank-128 LoRAs vs loading them (target: scan ≤ 2× load).
+2. Blend to rank 64 of two SDXL rank-64 LoRAs on a module subset: LoRA Lens svd / concat vs the dense
+   SVD-merge baseline (dense ΔW₁+ΔW₂ per module, torch.linalg.svd, truncate), time and peak memory.
+3. Whole-file blends (SDXL r64 pair, FLUX r64 pair): time and working memory beyond the loaded inputs
+   (peak RSS after the blend minus peak RSS after loading; the output tensors are included).
+
+Usage: python bench/blend.py [--runs 3] [--skip-flux] [--subset REGEX]
+"""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import textwrap
+
+from _common import ROOT, generated, table
+
+PRE = """
+import json, resource, sys, time
+sys.path.insert(0, %r)
+import torch
+torch.set_grad_enabled(False)
+def rss(): return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+from lens_ops import LoRAModel
+"""
+
+LOAD_AND_SCAN = """
+t = time.perf_counter()
+a = LoRAModel.load({a!r}); b = LoRAModel.load({b!r})
+load = time.perf_counter() - t
+from lens_ops.conflict import scan
+t = time.perf_counter()
+rep = scan(a, b)
+out = {{"load": load, "scan": time.perf_counter() - t, "modules": rep["shared_modules"]}}
+"""
+
+SUBSET = """
+import re
+rx = re.compile({subset!r})
+a = LoRAModel.load({a!r}); b = LoRAModel.load({b!r})
+a.modules = [m for m in a.modules if rx.search(m.name)]; b.modules = [m for m in b.modules if rx.search(m.name)]
+base = rss()
+t = time.perf_counter()
+{body}
+out = {{"elapsed": time.perf_counter() - t, "extra_mib": rss() - base, "modules": len(a.modules)}}
+"""
+
+OURS = """
+from lens_ops.blend import blend
+res, rep = blend([a, b], [0.7, 0.3], {method!r}, {rank})
+"""
+
+DENSE = """
+# the dense SVD-merge baseline: form w1·ΔW1 + w2·ΔW2, full SVD, keep the top `rank`
+res = {{}}
+for ma, mb in zip(a.modules, b.modules):
+    d = 0.7 * ma.delta(torch.float32) + 0.3 * mb.delta(torch.float32)
+    d = d.reshape(d.shape[0], -1)
+    u, s, vh = torch.linalg.svd(d, full_matrices=False)
+    k = {rank}
+    res[ma.name] = ((u[:, :k] * s[:k].sqrt()).half(), (s[:k].sqrt()[:, None] * vh[:k]).half())
+"""
+
+WHOLE = """
+a = LoRAModel.load({a!r}); b = LoRAModel.load({b!r})
+inputs = (a.nbytes + b.nbytes) / 2**20
+base = rss()
+from lens_ops.blend import blend
+t = time.perf_counter()
+res, rep = blend([a, b], [0.7, 0.3], {method!r}, {rank})
+out = {{"elapsed": time.perf_counter() - t, "extra_mib": rss() - base, "inputs_mib": inputs,
+        "output_mib": res.nbytes / 2**20}}
+"""
+
+
+def run(code: str, runs: int) -> dict:
+    script = textwrap.dedent(PRE % ROOT) + textwrap.dedent(code) + "\nprint(json.dumps(out))\n"
+    rows = []
+    for _ in range(runs):
+        p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+        if p.returncode:
+            raise SystemExit(p.stderr[-3000:])
+        rows.append(json.loads(p.stdout.strip().splitlines()[-1]))
+    keys = rows[0].keys()
+    return {k: (statistics.median(r[k] for r in rows) if isinstance(rows[0][k], float) else rows[0][k]) for k in keys} | \
+        {"peak_extra": max(r.get("extra_mib", 0) for r in rows)}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--skip-flux", action="store_true")
+    ap.add_argument("--subset", default=r"input_blocks_[45]_1_transformer_blocks_[01]_|te1_text_model_encoder_layers_[01]_")
+    args = ap.parse_args()
+
+    print("1. Conflict scan vs load, two SDXL rank-128 LoRAs (fp16)")
+    a128, b128 = generated("sdxl_kohya", 128, 0), generated("sdxl_kohya", 128, 1)
+    r = run(LOAD_AND_SCAN.format(a=a128, b=b128), args.runs)
+    size = (os.path.getsize(a128) + os.path.getsize(b128)) / 2**20
+    print(table([["load both (baseline)", f"{r['load']:.2f}", "1.00"],
+                 [f"conflict scan ({r['modules']} shared modules)", f"{r['scan']:.2f}", f"{r['scan'] / r['load']:.2f}"]],
+                ["step", "seconds", "× load"]) + f"\n(inputs {size:.0f} MiB; target: scan ≤ 2.00 × load)\n")
+
+    print(f"2. Blend to rank 64, two SDXL rank-64 LoRAs, module subset /{args.subset}/")
+    a64, b64 = generated("sdxl_kohya", 64, 0), generated("sdxl_kohya", 64, 1)
+    dense = run(SUBSET.format(subset=args.subset, a=a64, b=b64, body=DENSE.format(rank=64)), args.runs)
+    rows = [["dense ΔW + torch.linalg.svd (baseline)", f"{dense['elapsed']:.2f}", "1.00", f"{dense['peak_extra']:.0f}"]]
+    for method, rank in (("svd", 64), ("concat", 0), ("pca", 64)):
+        o = run(SUBSET.format(subset=args.subset, a=a64, b=b64, body=OURS.format(method=method, rank=rank)), args.runs)
+        rows.append([f"LoRA Lens {method}" + (f" rank {rank}" if rank else " (exact, rank 128)"),
+                     f"{o['elapsed']:.2f}", f"{o['elapsed'] / dense['elapsed']:.3f}", f"{o['peak_extra']:.0f}"])
+    print(table(rows, ["method", "seconds", "× baseline", "extra MiB"]) + f"\n({dense['modules']} modules)\n")
+
+    print("3. Whole-file blends: time and working memory beyond the loaded inputs (output included)")
+    rows = []
+    pairs = [("SDXL r64", a64, b64)]
+    if not args.skip_flux:
+        pairs.append(("FLUX r64", generated("flux_kohya", 64, 0), generated("flux_kohya", 64, 1)))
+    for label, a, b in pairs:
+        for method, rank in (("svd", 64), ("concat", 0)):
+            o = run(WHOLE.format(a=a, b=b, method=method, rank=rank), max(1, args.runs - 2))
+            rows.append([label, method, f"{o['elapsed']:.1f}", f"{o['inputs_mib']:.0f}", f"{o['output_mib']:.0f}",
+                         f"{o['peak_extra']:.0f}", f"{o['peak_extra'] - o['output_mib']:.0f}"])
+    print(table(rows, ["pair", "method", "seconds", "inputs MiB", "output MiB", "extra MiB (peak)",
+                       "extra − output MiB"]))
+
+
+if __name__ == "__main__":
+    main()
