@@ -26,6 +26,7 @@ DEFAULT_METHOD = "auto"
 DEFAULT_MIN_SNR = 40.0
 DENSE_BUDGET = 1 << 26  # ΔW entries: below this the dense ΔW metrics (MAE, max error) come for free-ish
 DENSE_MODES = ("auto", "on", "off")
+SMALL_MODULE = 1 << 18  # module elements below which one CPU thread is faster than several
 FMT_LABEL = {"int8": "int8", "fp8": "fp8 (e4m3fn)"}
 
 __all__ = ["quantize_model", "dequantize_model", "format_report", "METHODS", "FORMATS", "DEFAULT_METHOD",
@@ -69,8 +70,16 @@ def quantize_model(model, fmt: str = "int8", method: str = DEFAULT_METHOD, min_s
     dense = dense_metrics == "on" or (dense_metrics == "auto" and _dense_size(model) <= DENSE_BUDGET)
     results: list[ModuleResult] = []
     total = len(model.modules)
+    threads = torch.get_num_threads()
     for i, m in enumerate(model.modules):
-        res = quantize_module(m, fmt, method, dense, device)
+        small = sum(t.numel() for t in m.tensors.values()) < SMALL_MODULE
+        if small and threads > 1:  # tiny matrices: thread start-up and contention cost more than the maths
+            torch.set_num_threads(1)
+        try:
+            res = quantize_module(m, fmt, method, dense, device)
+        finally:
+            if small and threads > 1:
+                torch.set_num_threads(threads)
         if res.quantized and keep_below:
             snr = res.delta.snr_db
             if snr is not None and snr < min_snr:

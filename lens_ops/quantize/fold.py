@@ -104,22 +104,23 @@ def _lora(m: LoRAModule, fmt: str, method: str, dense: bool, device) -> ModuleRe
         count = b.shape[0] * af.shape[1]
     else:
         a = a.flatten(start_dim=1)
-        signal = lowrank_signal(b, a, scale)
         cands = _candidates(method)
+        prepared = {c: transforms.apply(c, b, a) for c in cands}
         if len(cands) > 1 and fmt == "int8":
-            preds = {c: predicted_noise(*transforms.apply(c, b, a)) for c in cands}
+            preds = {c: predicted_noise(*prepared[c]) for c in cands}
             best_pred = min(preds.values())
             cands = [c for c in cands if preds[c] <= best_pred * 10 ** (PREDICT_MARGIN_DB / 10)]
         best = None
         for c in cands:
-            bt, at = transforms.apply(c, b, a)
+            bt, at = prepared[c]
             qb, sb = encode(bt, fmt, f"Module {m.name} (up)")
             qa, sa = encode(at, fmt, f"Module {m.name} (down)")
             bq, aq = decode(qb, sb), decode(qa, sa)
-            err = lowrank_error(bt, at, bq, aq, scale)
+            err, sig = lowrank_error(bt, at, bq, aq, scale, with_signal=True)
             if best is None or err < best[0]:
-                best = (err, c, bt, at, qb, sb, qa, sa, bq, aq)
-        err, chosen, bt, at, qb, sb, qa, sa, bq, aq = best
+                best = (err, sig, c, bt, at, qb, sb, qa, sa, bq, aq)
+        prepared = None
+        err, signal, chosen, bt, at, qb, sb, qa, sa, bq, aq = best
         tstats.add(tensor_stats(bt, bq)).add(tensor_stats(at, aq))
         new.update(up=qb.reshape(up.shape).cpu(), down=qa.reshape(down.shape).cpu())
         s_total, chosen = sb * sa, _method_label(chosen, r)

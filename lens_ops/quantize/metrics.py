@@ -6,7 +6,7 @@ and whole-file numbers aggregate exactly:
   relative Frobenius error = ‖x−x̂‖_F / ‖x‖_F.
 For a LoRA pair, ΔW's error energy comes from the factors without forming ΔW:
   s·BA − s·B̂Â = s·[E_B, B̂]·[A; E_A]   (E = exact − stored),
-so ‖error‖² = s²·⟨XᵀX, YYᵀ⟩ (lens_ops.lowrank.frobenius_inner), exact, O((n+m)·r²). MAE and max
+so ‖error‖² = s²·⟨XᵀX, YYᵀ⟩ (the identity of lens_ops.lowrank.frobenius_inner), exact, O((n+m)·r²). MAE and max
 error on ΔW need every entry: they come from a dense pass (`dense`), which is optional on big files.
 """
 from __future__ import annotations
@@ -86,13 +86,28 @@ def lowrank_signal(b: torch.Tensor, a: torch.Tensor, scale: float) -> float:
     return float(frobenius_inner(b, a, b, a).double()) * scale * scale
 
 
-def lowrank_error(b, a, bq, aq, scale: float) -> float:
-    """‖scale·(b@a − bq@aq)‖_F² exactly from the factors (no dense ΔW)."""
+def lowrank_error(b, a, bq, aq, scale: float, with_signal: bool = False):
+    """‖scale·(b@a − bq@aq)‖_F² exactly from the factors (no dense ΔW); with_signal also returns
+    ‖scale·b@a‖_F² from the same Gram blocks.
+
+    With E_b = b − bq, E_a = a − aq: b@a − bq@aq = E_b@a + bq@E_a, so
+    ‖·‖² = ⟨E_b@a, E_b@a⟩ + ⟨bq@E_a, bq@E_a⟩ + 2⟨E_b@a, bq@E_a⟩, each term evaluated as in
+    lens_ops.lowrank.frobenius_inner (⟨B1A1, B2A2⟩ = Σ (B1ᵀB2) ⊙ (A1A2ᵀ)): six r×r products, no cancellation,
+    and bᵀb for the signal comes from the same blocks."""
     w = _work(b, a)
     b, a, bq, aq = b.to(w), a.to(w), bq.to(w), aq.to(w)
-    x = torch.cat([b - bq, bq], 1)
-    y = torch.cat([a, a - aq], 0)
-    return max(float(frobenius_inner(x, y, x, y).double()), 0.0) * scale * scale
+    eb, ea = b - bq, a - aq
+    ebt = eb.transpose(0, 1)
+    g_ee, g_eq, g_qq = ebt @ eb, ebt @ bq, bq.transpose(0, 1) @ bq
+    h_aa, h_ee, h_ae = a @ a.transpose(0, 1), ea @ ea.transpose(0, 1), a @ ea.transpose(0, 1)
+    d = torch.float64
+    err = float((g_ee.to(d) * h_aa.to(d)).sum() + (g_qq.to(d) * h_ee.to(d)).sum()
+                + 2 * (g_eq.to(d) * h_ae.to(d)).sum())
+    err = max(err, 0.0) * scale * scale
+    if not with_signal:
+        return err
+    g_bb = g_qq.to(d) + g_eq.to(d) + g_eq.to(d).transpose(0, 1) + g_ee.to(d)  # bᵀb = (bq+E)ᵀ(bq+E)
+    return err, max(float((g_bb * h_aa.to(d)).sum()), 0.0) * scale * scale
 
 
 def dense_stats(ref: torch.Tensor, got: torch.Tensor) -> Stats:

@@ -4,8 +4,8 @@ rounding: rebalancing (B·D, D⁻¹·A, D diagonal) and rotation (B·Q, Qᵀ·A,
 - rebalance: d_j = sqrt(‖A_j‖/‖B_j‖) gives column j of B and row j of A the same norm. By
   Cauchy–Schwarz this minimises ‖BD‖_F·‖D⁻¹A‖_F over diagonal D, and the rounding noise of a product
   of two per-tensor-quantized factors is ≈ (Δ_B²·n·‖A‖² + Δ_A²·m·‖B‖²)/12.
-- rotate: Q = normalised Hadamard (power-of-2 ranks; Sylvester construction) or a fixed seeded random
-  orthogonal matrix (other ranks). Mixing rank components spreads the energy of the few large
+- rotate: Q = normalised Hadamard (power-of-2 ranks up to 32; Sylvester construction), interleaved
+  32×32 Hadamard blocks (ranks 64, 96, 128, …), or a fixed seeded random orthogonal matrix (other ranks). Mixing rank components spreads the energy of the few large
   components of a decaying spectrum over all columns, so max|x| (which sets the step size) drops
   towards the RMS.
 """
@@ -31,13 +31,49 @@ def _orthogonal_cpu(r: int) -> torch.Tensor:
     return q * torch.sign(torch.diagonal(rr)).unsqueeze(0)
 
 
+BLOCK = 32  # ranks above this that are multiples of it rotate in interleaved Hadamard blocks of this size
+
+
+def _block_plan(r: int) -> int:
+    return BLOCK if (r > BLOCK and r % BLOCK == 0) else r
+
+
 def rotation(r: int, dtype=torch.float32, device="cpu") -> torch.Tensor:
-    """The r×r orthogonal matrix used for rotation (Hadamard when r is a power of 2)."""
-    return _orthogonal_cpu(int(r)).to(device=device, dtype=dtype)
+    """The dense r×r orthogonal matrix Q that `apply(..., 'rotate')` uses (b' = b@Q, a' = Qᵀ@a)."""
+    bs = _block_plan(r)
+    h = _orthogonal_cpu(bs)
+    if bs == r:
+        return h.to(device=device, dtype=dtype)
+    nb = r // bs
+    perm = torch.arange(r).reshape(bs, nb).transpose(0, 1).reshape(-1)  # block k holds columns k, k+nb, …
+    q = torch.zeros(r, r, dtype=torch.float64)
+    for k in range(nb):
+        idx = perm[k * bs:(k + 1) * bs]
+        q[idx.unsqueeze(1), torch.arange(k * bs, (k + 1) * bs).unsqueeze(0)] = h
+    return q.to(device=device, dtype=dtype)
 
 
 def rotation_name(r: int) -> str:
+    bs = _block_plan(r)
+    if bs != r:
+        return f"interleaved block Hadamard {bs}"
     return "Hadamard" if r & (r - 1) == 0 else "seeded random orthogonal"
+
+
+def rotate(b: torch.Tensor, a: torch.Tensor):
+    """(b@Q, Qᵀ@a). Ranks that are multiples of BLOCK (above it) use interleaved blocks: rank component j
+    goes to block j mod (r/BLOCK), so every block mixes large and small components of a decaying spectrum;
+    this costs 2·BLOCK instead of 2·r flops per element and measured as good as a full Hadamard."""
+    r = b.shape[1]
+    bs = _block_plan(r)
+    h = _orthogonal_cpu(bs).to(device=b.device, dtype=b.dtype)
+    if bs == r:
+        return b @ h, h.transpose(0, 1) @ a
+    nb = r // bs
+    perm = torch.arange(r, device=b.device).reshape(bs, nb).transpose(0, 1).reshape(-1)
+    b2 = (b[:, perm].reshape(b.shape[0], nb, bs) @ h).reshape(b.shape[0], r)
+    a2 = (h.transpose(0, 1) @ a[perm].reshape(nb, bs, a.shape[1])).reshape(r, a.shape[1])
+    return b2, a2
 
 
 def rebalance_diag(b: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
@@ -60,6 +96,5 @@ def apply(method: str, b: torch.Tensor, a: torch.Tensor):
         d = rebalance_diag(b, a)
         b, a = b * d, a / d.unsqueeze(1)
     if "rotate" in method:
-        q = rotation(b.shape[1], b.dtype, b.device)
-        b, a = b @ q, q.transpose(0, 1) @ a
+        b, a = rotate(b, a)
     return b, a
