@@ -27,6 +27,7 @@ from .entry import mm_product, operand, store_tensors
 
 ELIGIBLE_ROLES = ({"up", "down"}, {"up", "down", "alpha"})
 FLOATS = (torch.float16, torch.bfloat16, torch.float32)
+INT8_MARGIN_DB = 4.0   # int8 modules keep ≥ budget + 4 dB on their own (room for pruning's error)
 LOSSLESS_GUESS = {1: 0.95, 2: 0.82, 4: 0.9}   # measured lossless ratios of factor bytes per element size
 
 
@@ -104,16 +105,17 @@ def _lstsq_left(x: torch.Tensor) -> torch.Tensor:
     return torch.linalg.solve(x.T @ x, x.T)
 
 
-def _try_k(ms, lowr, U_all, V_all, k, int8, budget_ratio):
+def _try_k(ms, lowr, U_all, V_all, k, int8, budget_ratio, refs=None):
     """Build the shared coding of one module at basis size k; None if some LoRA misses the budget."""
     Uq, Us = _quant_cols(U_all[:, :k], int8)
     Vq, Vs = _quant_cols(V_all[:, :k], int8)
     Ud, Vd = operand(Uq, Us, False), operand(Vq, Vs, False)
     pu, pv = _lstsq_left(Ud), _lstsq_left(Vd)
     outs = []
-    for m, (b, a, sc) in zip(ms, lowr):
+    for j, (m, (b, a, sc)) in enumerate(zip(ms, lowr)):
         r = b.shape[1]
         bs = b * sc
+        rb, ra = refs[j] if refs else (bs, a)   # the error is measured against the original module
         core = (pu @ bs) @ (a @ pv.T)          # k×k, rank ≤ r
         cu, cs, cvh = torch.linalg.svd(core)
         rr = min(r, k)
@@ -123,10 +125,10 @@ def _try_k(ms, lowr, U_all, V_all, k, int8, budget_ratio):
         up = mm_product(Ud, operand(L, None, False), m.tensors["up"].dtype)
         down = mm_product(operand(R, None, False), Vd.T, m.tensors["down"].dtype)
         # exact error of the rounded result against the original module
-        x = frobenius_inner(bs, a, bs, a)
+        x = frobenius_inner(rb, ra, rb, ra)
         b2 = up.to(torch.float64) * scale_new
         a2 = down.to(torch.float64)
-        e = x + frobenius_inner(b2, a2, b2, a2) - 2 * frobenius_inner(bs, a, b2, a2)
+        e = x + frobenius_inner(b2, a2, b2, a2) - 2 * frobenius_inner(rb, ra, b2, a2)
         if x > 0 and float(e.clamp_min(0) / x) > budget_ratio:
             return None
         outs.append((L, R, up, down, rr))
@@ -149,7 +151,8 @@ def _own_bytes(ms) -> float:
     return total
 
 
-def plan_shared(models: list[LoRAModel], mode: str, int8: bool, snr_db: float, device="cpu", progress=None) -> dict:
+def plan_shared(models: list[LoRAModel], mode: str, int8: bool, snr_db: float, device="cpu", progress=None,
+                originals: list[LoRAModel] | None = None) -> dict:
     """Per module name: the shared coding, when mode allows it (see module doc)."""
     by_name: dict[str, list[int]] = {}
     for i, model in enumerate(models):
@@ -168,11 +171,20 @@ def plan_shared(models: list[LoRAModel], mode: str, int8: bool, snr_db: float, d
         if len(shapes) != 1:
             continue
         lowr = [m.lowrank(torch.float64, device) for m in ms]
+        refs = None
+        if originals is not None:
+            refs = []
+            for i in idx:
+                om = originals[i].get(name)
+                f = om.lowrank(torch.float64, device) if om is not None else None
+                refs.append((f[0] * f[2], f[1]) if f is not None else None)
+            if any(r is None for r in refs):
+                continue
         facs = [factored_svd(b, a, sc) for b, a, sc in lowr]
         total_r = sum(f[1].numel() for f in facs)
         n, mdim = facs[0][0].shape[0], facs[0][2].shape[1]
         kmax = min(total_r, n, mdim)
-        own = _own_bytes(ms)
+        own = _own_bytes(ms) * (0.95 / 1.64 if int8 else 1.0)   # int8 factors: 1 byte, not 2 × 0.82
         per = 1 if int8 else 2
         # the most k could be and still save bytes (auto); on: anything below the total rank
         k_cap = kmax if mode == "on" else min(kmax, int(0.9 * own / ((n + mdim) * per * (0.95 if int8 else 0.85)
@@ -196,7 +208,7 @@ def plan_shared(models: list[LoRAModel], mode: str, int8: bool, snr_db: float, d
             continue
         plan, k = None, k0
         while k <= k_cap:
-            plan = _try_k(ms, lowr, U_all, V_all, k, int8, budget_ratio)
+            plan = _try_k(ms, lowr, U_all, V_all, k, int8, budget_ratio, refs)
             if plan is not None or k == k_cap:
                 break
             k = min(k_cap, k + max(1, k // 8))
@@ -244,7 +256,7 @@ def prepare_lossy(srcs, writer, recipe=None, int8=False, shared_basis="off", snr
             models = list(originals)
         plans = {}
         if shared_basis != "off":
-            plans = plan_shared(models, shared_basis, int8, snr_db, device, progress)
+            plans = plan_shared(models, shared_basis, int8, snr_db, device, progress, originals)
             settings["shared_basis"] = shared_basis
         pre = list(models)
         if int8:
@@ -254,11 +266,12 @@ def prepare_lossy(srcs, writer, recipe=None, int8=False, shared_basis="off", snr
                 raise LensError("int8 is not available in this installation (lens_ops.quantize is missing).") from None
             q = []
             for m in models:
-                qm, _rep = quantize_model(m, "int8", min_snr=snr_db, keep_below=True, device=device)
+                qm, _rep = quantize_model(m, "int8", min_snr=snr_db + INT8_MARGIN_DB, keep_below=True,
+                                          dense_metrics="off", device=device)
                 q.append(qm)
             models = q
             settings["int8"] = True
-            settings["min_snr_db"] = snr_db
+            settings["int8_min_snr_db"] = snr_db + INT8_MARGIN_DB
         # shared streams: every module's U and V once
         shared_tensors = {}
         for name, p in plans.items():
