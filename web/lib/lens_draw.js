@@ -367,5 +367,6 @@ export function wrapText(ctx, text, width) {
   return lines;
 }
 
-/** Colour for x in 0..1 (viridis); the name other views look up. */
-export const rampColor = viridis;
+const TRAFFIC = [[40, 180, 90], [150, 200, 60], [235, 200, 50], [240, 130, 50], [225, 50, 60]];
+/** Good→bad colour for x in 0..1 (green, yellow, red; NaN → grey): conflict and risk scales. */
+export const rampColor = (x) => ramp(TRAFFIC, x);

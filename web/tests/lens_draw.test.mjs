@@ -51,6 +51,8 @@ test("colour maps clamp and grey out NaN", () => {
   assert.equal(D.viridis(NaN), "rgb(90,90,90)");
   assert.equal(D.diverging(-1), "rgb(59,76,192)");
   assert.equal(D.diverging(1), "rgb(180,4,38)");
+  assert.equal(D.rampColor(0), "rgb(40,180,90)");
+  assert.equal(D.rampColor(1), "rgb(225,50,60)");
 });
 
 test("bar chart: one bar per item, heights proportional to values", () => {
