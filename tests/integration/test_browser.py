@@ -31,7 +31,8 @@ from integration.test_workflows_comfy import free_cache, prepare
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run"]
-UI_FILES = sorted(f for f in glob.glob(os.path.join(ROOT, "example_workflows", "*.json"))
+WF_DIR = os.environ.get("LENS_WORKFLOWS_DIR") or os.path.join(ROOT, "example_workflows")
+UI_FILES = sorted(f for f in glob.glob(os.path.join(WF_DIR, "*.json"))
                   if not f.endswith("core_nodes.json"))
 VIEWPORT = {"width": 1280, "height": 800}
 
@@ -206,7 +207,8 @@ def browser_page(comfy_server):
     settings = os.path.join(comfy_server.base, "user", "default", "comfy.settings.json")
     os.makedirs(os.path.dirname(settings), exist_ok=True)
     current = json.load(open(settings)) if os.path.exists(settings) else {}
-    current.update({"Comfy.TutorialCompleted": True, "Comfy.Minimap.Visible": False})
+    current.update({"Comfy.TutorialCompleted": True, "Comfy.Minimap.Visible": False, "Comfy.Graph.CanvasInfo": False,
+                    "LiteGraph.Canvas.MinFontSizeForLOD": 0})   # full detail even when a big graph is fitted
     with open(settings, "w") as f:
         json.dump(current, f)
     with _pw.sync_playwright() as p:
@@ -260,7 +262,7 @@ def test_workflow_in_browser(ui_path, comfy_server, browser_page, shots_dir):
     page, console, pack_types = browser_page
     name = os.path.splitext(os.path.basename(ui_path))[0]
     ui = json.load(open(ui_path))
-    api = json.load(open(os.path.join(ROOT, "example_workflows", "api", name + ".json")))
+    api = json.load(open(os.path.join(WF_DIR, "api", name + ".json")))
     prepare(comfy_server, api)
     free_cache(comfy_server)   # a workflow shown before must really run again, not come from the cache
     console.phase = name
@@ -293,6 +295,17 @@ def test_workflow_in_browser(ui_path, comfy_server, browser_page, shots_dir):
     for nid, rep in report.items():
         print(f"  node {nid} {rep['type']}: canvas ops {rep['draw']['ops']}, drawn text {rep['draw']['texts'][:4]}")
 
+    # a close-up of every pack view that drew, readable at README size
+    for nid, rep in report.items():
+        if rep["draw"]["ops"] > 0 or any(wd["dom"] and wd["visible"] and wd["canvases"] for wd in rep["widgets"]):
+            page.evaluate("(id) => { const c = window.app.canvas; c.deselectAll(); c.select(window.app.graph.getNodeById(id));"
+                          " window.app.extensionManager.command.execute('Comfy.Canvas.FitView'); }", int(nid))
+            page.wait_for_timeout(900)
+            page.evaluate("() => { window.app.canvas.deselectAll(); window.app.canvas.draw(true, true); }")
+            page.wait_for_timeout(200)
+            close = os.path.join(shots_dir, f"{name}__{rep['type']}.png")
+            page.screenshot(path=close)
+            print(f"  close-up of {rep['type']}: {close}")
     problems = view_problems(report, outputs)
     errs = console.errors(name)
     assert not errs, f"{name}: console errors: " + json.dumps(errs, indent=1)[:4000]

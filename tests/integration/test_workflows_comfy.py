@@ -15,6 +15,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -27,7 +28,9 @@ from safetensors.torch import save_file
 from integration.conftest import ROOT, errors_of
 from integration.tiny_checkpoint import cached_sd15_checkpoint
 
-API_DIR = os.path.join(ROOT, "example_workflows", "api")
+# LENS_WORKFLOWS_DIR: run the suite on another folder of workflows (UI files + api/ twins) instead
+WF_DIR = os.environ.get("LENS_WORKFLOWS_DIR") or os.path.join(ROOT, "example_workflows")
+API_DIR = os.path.join(WF_DIR, "api")
 API_FILES = sorted(glob.glob(os.path.join(API_DIR, "*.json")))
 LORA_LAYOUT = "sd15_kohya"   # the tiny checkpoint is SD 1.5, so these LoRAs apply to it
 LORA_RANK = 16
@@ -55,13 +58,16 @@ def place_checkpoint(server, name: str) -> str:
     return dest
 
 
-def make_loradb(server, name: str) -> str:
-    """A .loradb in the server's loradb folder, packed from three generated SD 1.5 LoRAs with the pack's CLI."""
+def make_loradb(server, name: str, members: list[str] | None = None) -> str:
+    """A .loradb in the server's loradb folder, packed with the pack's CLI from generated SD 1.5 LoRAs (named
+    `members` when the workflow names entries, else three)."""
     dest = os.path.join(server.base, "loradb", name)
     if os.path.exists(dest):
         return dest
     src = os.path.join(server.base, "loradb-src", os.path.splitext(name)[0])
-    files = [make_lora_file(os.path.join(src, f"member_{i}.safetensors"), _seed(name) + i, rank=8) for i in range(3)]
+    members = members or [f"member_{i}" for i in range(3)]
+    files = [make_lora_file(os.path.join(src, m if m.endswith(".safetensors") else m + ".safetensors"),
+                            _seed(name) + i, rank=8) for i, m in enumerate(members)]
     os.makedirs(os.path.dirname(dest), exist_ok=True)
     r = subprocess.run([sys.executable, "-m", "lens_ops", "pack", "-o", dest, *files], cwd=ROOT,
                        capture_output=True, text=True, timeout=600)
@@ -72,6 +78,8 @@ def make_loradb(server, name: str) -> str:
 def prepare(server, prompt: dict) -> dict:
     """Create every file the prompt names; returns {input value: path} of what was made."""
     made = {}
+    entries = [e.strip() for n in prompt.values() for e in re.split(r"[,\n]", str(n["inputs"].get("entries", "")))
+               if e.strip() and e.strip().lower() != "all" and not isinstance(n["inputs"].get("entries"), list)]
     for node in prompt.values():
         for inp, value in node["inputs"].items():
             if not isinstance(value, str) or value in made:
@@ -79,7 +87,7 @@ def prepare(server, prompt: dict) -> dict:
             if inp == "ckpt_name":
                 made[value] = place_checkpoint(server, value)
             elif value.endswith(".loradb"):
-                made[value] = make_loradb(server, value)
+                made[value] = make_loradb(server, value, entries or None)
             elif value.endswith(".safetensors"):
                 path = os.path.join(server.loras, value)
                 made[value] = path if os.path.exists(path) else make_lora_file(path, _seed(value))
@@ -274,7 +282,8 @@ def test_template_browser_lists_exactly_the_examples(comfy_server):
     be a UI workflow the frontend can open, and every example must be listed."""
     from integration.conftest import PACK_NAME
     listed = sorted(comfy_server.get("/api/workflow_templates").get(PACK_NAME, []))
-    ui_names = sorted(os.path.splitext(os.path.basename(p))[0] for p in glob.glob(os.path.join(API_DIR, "*.json")))
+    api_dir = os.path.join(ROOT, "example_workflows", "api")
+    ui_names = sorted(os.path.splitext(os.path.basename(p))[0] for p in glob.glob(os.path.join(api_dir, "*.json")))
     not_workflows = []
     for name in listed:
         data = comfy_server.get(f"/api/workflow_templates/{PACK_NAME}/{name}.json")
