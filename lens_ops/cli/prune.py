@@ -90,7 +90,8 @@ def run(args) -> int:
                 report["file_bytes_in"] = os.path.getsize(src)
                 report["file_bytes_out"] = os.path.getsize(path)
                 all_reports.append(report)
-                line = (f"{os.path.basename(src)} → {os.path.basename(path)}: "
+                count = f"[{i + 1}/{len(args.inputs)}] " if len(args.inputs) > 1 else ""
+                line = (f"{count}{os.path.basename(src)} → {os.path.basename(path)}: "
                         f"{report['file_bytes_in'] / 2**20:.2f} → {report['file_bytes_out'] / 2**20:.2f} MiB, "
                         f"ΔW error {100 * report['total']['rel_error']:.2f}%")
                 print(line if args.quiet else format_report(report, 15) + f"\nwrote {path}\n", flush=True)

@@ -1,0 +1,138 @@
+"""`lora-lens prune` command line and the PruneRank node (without ComfyUI, via the comfy_env stand-ins)."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from lens_ops import LoRAModel
+from lens_ops.cli import main
+from lens_ops.st_io import atomic_save
+from lens_ops.synth import make_lora
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def sample(tmp_path, name="in.safetensors", layout="sd15_kohya", rank=16, seed=0, n=24):
+    sd = make_lora(layout, rank=rank, seed=seed, max_modules=n)
+    return atomic_save(sd, str(tmp_path / name), sd.metadata), sd
+
+
+def test_prune_one_file(tmp_path, capsys):
+    src, sd = sample(tmp_path)
+    out = str(tmp_path / "out.safetensors")
+    assert main(["prune", src, "-o", out, "--recipe", "energy=0.99", "--report", str(tmp_path / "r.json")]) == 0
+    assert os.path.getsize(out) < os.path.getsize(src)
+    m = LoRAModel.load(out)
+    assert m.convention == LoRAModel.load(src).convention
+    rep = json.load(open(tmp_path / "r.json"))
+    assert rep["recipe"] == "energy=0.99"
+    for key in ("old_rank", "new_rank", "bytes_saved", "rel_error", "rle_lora", "rle_ckpt", "snr_db"):
+        assert key in rep["modules"][0]
+    assert rep["file_bytes_out"] == os.path.getsize(out)
+    text = capsys.readouterr().out
+    assert "ΔW error" in text and "wrote" in text
+
+
+def test_several_recipes_several_outputs(tmp_path):
+    src, _ = sample(tmp_path)
+    outdir = tmp_path / "o"
+    assert main(["prune", src, "-o", str(outdir), "--recipe", "energy=0.9:rank=4:spn_lora=1,thr=-1", "-q"]) == 0
+    files = sorted(os.listdir(outdir))
+    assert len(files) == 3, files
+    ranks = {f: {m.rank() for m in LoRAModel.load(str(outdir / f)).modules} for f in files}
+    assert any(r == {4} for r in ranks.values())
+
+
+def test_several_recipes_with_file_output_get_suffixes(tmp_path):
+    src, _ = sample(tmp_path)
+    assert main(["prune", src, "-o", str(tmp_path / "x.safetensors"), "--recipe", "rank=2:rank=4", "-q"]) == 0
+    names = sorted(f for f in os.listdir(tmp_path) if f.startswith("x_"))
+    assert names == ["x_rank2.safetensors", "x_rank4.safetensors"]
+
+
+def test_batch_with_progress(tmp_path):
+    a, _ = sample(tmp_path, "a.safetensors", seed=1)
+    b, _ = sample(tmp_path, "b.safetensors", seed=2)
+    r = subprocess.run([sys.executable, "-m", "lens_ops", "prune", a, b, "-o", str(tmp_path / "out"), "--recipe",
+                        "rank=4", "-q"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert sorted(os.listdir(tmp_path / "out")) == ["a_pruned.safetensors", "b_pruned.safetensors"]
+    lines = r.stdout.strip().splitlines()
+    assert lines[0].startswith("[1/2] a.safetensors") and lines[1].startswith("[2/2] b.safetensors")
+
+
+def test_bad_recipe_writes_nothing(tmp_path, capsys):
+    src, _ = sample(tmp_path)
+    out = tmp_path / "never.safetensors"
+    assert main(["prune", src, "-o", str(out), "--recipe", "energy=1.5"]) == 2
+    err = capsys.readouterr().err
+    assert "Allowed:" in err and "sv_fro" in err
+    assert not out.exists()
+    assert main(["prune", src, "-o", str(out), "--recipe", "fro_ckpt=1,thr=-2"]) == 2
+    assert "--base" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_refuses_to_overwrite_input(tmp_path, capsys):
+    src, sd = sample(tmp_path)
+    before = open(src, "rb").read()
+    assert main(["prune", src, "-o", src, "--recipe", "rank=2"]) == 2
+    assert "overwrite" in capsys.readouterr().err
+    assert open(src, "rb").read() == before
+
+
+def test_base_checkpoint_option(tmp_path, monkeypatch):
+    from safetensors.torch import save_file
+    monkeypatch.setenv("LORA_LENS_CACHE", str(tmp_path / "cache"))
+    src, sd = sample(tmp_path, layout="sdxl_kohya", rank=8, n=10)
+    model = LoRAModel.load(src)
+    g = torch.Generator().manual_seed(0)
+    ck = {}
+    for m in model.modules:
+        ws = m.weight_shape()
+        rest = m.name[len("lora_unet_"):] if m.name.startswith("lora_unet_") else None
+        if rest is None:
+            continue
+        ck["model.diffusion_model." + rest + ".weight"] = torch.randn(*ws, generator=g) * 0.02
+    # the TE modules: CLIP-L keys as in an SDXL checkpoint
+    for m in model.modules:
+        if m.name.startswith("lora_te1_"):
+            ck["conditioner.embedders.0.transformer." + m.name[len("lora_te1_"):] + ".weight"] = \
+                torch.randn(*m.weight_shape(), generator=g) * 0.02
+    save_file(ck, str(tmp_path / "base.safetensors"))
+    out = str(tmp_path / "o.safetensors")
+    assert main(["prune", src, "-o", out, "--recipe", "fro_ckpt=1,thr=-3", "--base", str(tmp_path / "base.safetensors"),
+                 "--report", str(tmp_path / "r.json"), "-q"]) == 0
+    rep = json.load(open(tmp_path / "r.json"))
+    assert all(e["rle_ckpt"] is not None for e in rep["modules"] if e["new_rank"])
+    assert os.listdir(tmp_path / "cache")
+
+
+# ------------------------------------------------------------------ node
+def test_node_contract_and_run(comfy_env):
+    pack, paths = comfy_env
+    from nodes_import import node_class
+    cls = node_class(pack, "PruneRank")
+    spec = cls.INPUT_TYPES()
+    for group in spec.values():
+        for name, (typ, opts) in group.items():
+            assert "tooltip" in opts, name
+    assert cls.RETURN_TYPES == ("LORA_MODEL", "STRING")
+    sd = make_lora("sd15_kohya", rank=16, seed=3, max_modules=12)
+    res = cls().prune(sd, method="energy", value=0.95, recipe="")
+    lora, report = res["result"]
+    assert isinstance(lora, dict) and "energy=0.95" in report
+    assert sum(t.numel() for t in lora.values()) < sum(t.numel() for t in sd.values())
+    view = json.loads(res["ui"]["lens_prune"][0])
+    assert len(view["modules"]) == 12 and view["modules"][0]["old"] == 16
+    assert "ss_network_dim" in lora.metadata and "lora_lens.provenance" in lora.metadata
+    res = cls().prune(sd, method="recipe", value=0, recipe="spn_lora=1,thr=-1")
+    assert "spn_lora=1,thr=-1" in res["result"][1]
+    res = cls().prune(sd, method="rank", value=4, recipe="")
+    assert all(t.shape[0] == 4 for k, t in res["result"][0].items() if k.endswith("lora_down.weight"))
+    with pytest.raises(ValueError, match="Allowed") as e:  # the pack's own LensError (a ValueError)
+        cls().prune(sd, method="recipe", value=0, recipe="nonsense=1")
+    assert type(e.value).__name__ == "LensError"
