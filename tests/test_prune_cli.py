@@ -114,8 +114,8 @@ def test_base_checkpoint_option(tmp_path, monkeypatch):
 # ------------------------------------------------------------------ node
 def test_node_contract_and_run(comfy_env):
     pack, paths = comfy_env
-    from nodes_import import node_class
-    cls = node_class(pack, "PruneRank")
+    import importlib
+    cls = importlib.import_module(pack.__name__ + ".nodes").NODE_CLASS_MAPPINGS["PruneRank"]
     spec = cls.INPUT_TYPES()
     for group in spec.values():
         for name, (typ, opts) in group.items():
