@@ -7,6 +7,8 @@ import os
 from ..errors import LensError
 from ..model import LoRAModel
 from ..progress import Bar
+from ..quantize import dequantize_model
+from ..quantize.codec import is_quantized
 from .quantize import _check_paths, add_quant_options, quantize_and_print
 
 NAME = "ultra"
@@ -41,6 +43,9 @@ def run(args) -> int:
     if ":" in args.recipe:
         raise LensError("ultra takes one recipe (no ':'); run `lora-lens prune` for several outputs.")
     model = LoRAModel.load(args.input)
+    if any(is_quantized(t) for m in model.modules for t in m.tensors.values()):
+        model, _ = dequantize_model(model, "fp32")  # exact float factors for the pruner; re-quantized below
+        model.source = os.path.abspath(args.input)
     kw = {}
     if args.base:
         from ..prune import CheckpointBase

@@ -1,0 +1,93 @@
+"""`lora-lens quantize` / `lora-lens ultra` and the QuantizeInt8 node (without ComfyUI)."""
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from lens_ops import LoRAModel
+from lens_ops.cli import main
+from lens_ops.synth import make_lora
+from lora_factory import rel_err
+
+
+@pytest.fixture
+def src(tmp_path):
+    sd = make_lora("sdxl_kohya", rank=16, seed=4, max_modules=10)
+    p = str(tmp_path / "in.safetensors")
+    save_file(sd, p, metadata=sd.metadata)
+    return p
+
+
+def test_quantize_cli_json_and_file(src, tmp_path, capsys):
+    out = str(tmp_path / "q.safetensors")
+    assert main(["quantize", src, "-o", out, "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    for key in ("snr_db", "mse", "mae", "max_error", "rel_frobenius", "median_snr_db", "min_snr_db"):
+        assert key in rep["delta"]
+    for key in ("snr_db", "mse", "mae", "max_error", "rel_frobenius"):
+        assert key in rep["stored"]
+    assert rep["modules_quantized"] == 10 and len(rep["per_module"]) == 10
+    assert rep["file_ratio"] <= 0.52 and os.path.getsize(out) == rep["output_file_bytes"]
+    raw = load_file(out)
+    assert sum(t.dtype == torch.int8 for t in raw.values()) == 20
+    a, b = LoRAModel.load(src), LoRAModel.load(out)
+    for m in a.modules:
+        assert rel_err(b.get(m.name).delta(torch.float64), m.delta(torch.float64)) < 0.03
+
+
+def test_quantize_cli_text_fp8_dequantize_keep(src, tmp_path, capsys):
+    out = str(tmp_path / "q8.safetensors")
+    assert main(["quantize", src, "-o", out, "--fp8"]) == 0
+    text = capsys.readouterr().out
+    assert "fp8 (e4m3fn)" in text and "SNR" in text and "relative Frobenius error" in text
+    assert any(t.dtype == torch.float8_e4m3fn for t in load_file(out).values())
+    dq = str(tmp_path / "dq.safetensors")
+    assert main(["quantize", out, "-o", dq, "--dequantize", "fp16"]) == 0
+    assert "Dequantized 10 module(s) to fp16" in capsys.readouterr().out
+    raw = load_file(dq)
+    assert all(t.dtype in (torch.float16, torch.float32) for t in raw.values())
+    a, b = LoRAModel.load(out), LoRAModel.load(dq)
+    for m in a.modules:
+        assert rel_err(b.get(m.name).delta(torch.float64), m.delta(torch.float64)) < 2e-3
+    kept = str(tmp_path / "kept.safetensors")
+    assert main(["quantize", src, "-o", kept, "--min-snr", "300", "--keep-fp16", "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["modules_quantized"] == 0 and len(rep["below_threshold"]) == 10
+    assert all(t.dtype == torch.float16 for t in load_file(kept).values())
+    assert main(["quantize", src, "-o", str(tmp_path / "w.safetensors"), "--min-snr", "300"]) == 0
+    assert "Warning: 10 module(s) under 300 dB" in capsys.readouterr().out
+
+
+def test_quantize_refuses_to_overwrite_input(src):
+    assert main(["quantize", src, "-o", src]) == 2
+
+
+def test_ultra_prunes_then_quantizes(src, tmp_path, capsys):
+    pytest.importorskip("lens_ops.prune")
+    out = str(tmp_path / "u.safetensors")
+    assert main(["ultra", src, "-o", out, "--recipe", "rank=4", "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["recipe"] == "rank=4" and "prune" in rep and rep["quantize"]["modules_quantized"] == 10
+    raw = load_file(out)
+    ups = [t for k, t in raw.items() if k.endswith("lora_up.weight")]
+    assert ups and all(t.dtype == torch.int8 and t.shape[1] <= 4 for t in ups)
+    assert os.path.getsize(out) < 0.2 * os.path.getsize(src)
+
+
+def test_quantize_node(comfy_env):
+    pack, paths = comfy_env
+    from importlib import import_module
+    mod = import_module(pack.__name__ + ".nodes.quantize")
+    sd = make_lora("sdxl_kohya", rank=8, seed=1, max_modules=4)
+    res = mod.QuantizeInt8().quantize(sd, "int8", "auto", 40.0, False)
+    lora, report = res["result"]
+    assert res["ui"]["text"][0] == report and "ΔW" in report and "MAE" in report
+    assert sum(t.dtype == torch.int8 for t in lora.values()) == 8
+    assert "lora_lens.provenance" in lora.metadata
+    res = mod.QuantizeInt8().quantize(sd, "fp8 (e4m3fn)", "naive", 40.0, True, "off")
+    assert "kept" in res["result"][1].lower() or res["result"][1]
+    info = mod.ApplyLoRA.INPUT_TYPES()["required"]
+    assert list(info) == ["model", "clip", "lora", "strength_model", "strength_clip"]
+    assert mod.ApplyLoRA.RETURN_TYPES == ("MODEL", "CLIP")
