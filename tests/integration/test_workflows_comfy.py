@@ -149,6 +149,13 @@ def check_outputs(server, prompt: dict, entry: dict, info: dict, new_files: set)
                     root = server.output if img.get("type") == "output" else temp_dir(server)
                     path = os.path.join(root, img.get("subfolder", ""), img["filename"])
                     assert os.path.isfile(path) and os.path.getsize(path) > 0, f"image {path} missing"
+            if key == "lora_files":   # SaveLoRAFile: the file exists, the engine reads it, provenance recorded
+                from lens_ops import LoRAModel
+                for item in value:
+                    path = os.path.join(server.output, item.get("subfolder", ""), item["filename"])
+                    assert os.path.isfile(path), f"node {nid} reports {path}, which does not exist"
+                    saved = LoRAModel.load(path)
+                    assert len(saved.modules) > 0 and "lora_lens.provenance" in (saved.metadata or {}), path
     writers = [n["class_type"] for n in prompt.values() if n["class_type"].startswith(("Save", "Pack"))]
     if writers:
         assert new_files, f"{', '.join(writers)} ran but no file appeared in output/, loras/ or loradb/"
@@ -177,8 +184,34 @@ def _check_load_inspect_save(server, prompt, entry, made, new_files):
             assert torch.equal(t, a[m.name].tensors[role]), (m.name, role)
 
 
+def _snr_db(ref: torch.Tensor, out: torch.Tensor) -> float:
+    err = (out - ref).norm().item()
+    return float("inf") if err == 0 else 20 * __import__("math").log10(ref.norm().item() / err)
+
+
+def _saved_files(server, new_files) -> list[str]:
+    return sorted(f for f in new_files if f.startswith(server.output) and f.endswith(".safetensors"))
+
+
+def _check_ultra_compress(server, prompt, entry, made, new_files):
+    """prune (energy 0.99) → int8: every module's ΔW, computed by lens_ops in float64 from the source and from the
+    saved file, agrees to ≥ 19.5 dB (keeping 99 % of the energy leaves ≤ 1 % error energy = 20 dB, int8 adds
+    little), the file is far smaller, and its factors are int8."""
+    from lens_ops import LoRAModel
+    src = LoRAModel.load(made[prompt["1"]["inputs"]["lora_name"]])
+    saved = _saved_files(server, new_files)
+    assert len(saved) == 1, saved
+    out = LoRAModel.load(saved[0])
+    assert os.path.getsize(saved[0]) < 0.5 * os.path.getsize(src.source or made[prompt["1"]["inputs"]["lora_name"]])
+    assert any(t.dtype == torch.int8 for m in out.modules for t in m.tensors.values()), "no int8 factors saved"
+    by_name = {m.name: m for m in out.modules}
+    worst = min(_snr_db(m.delta(torch.float64), by_name[m.name].delta(torch.float64)) for m in src.modules)
+    assert worst >= 19.5, f"worst module ΔW SNR {worst:.1f} dB after prune 0.99 + int8"
+
+
 EXTRA_CHECKS = {
     "01_load_inspect_save": _check_load_inspect_save,
+    "05_ultra_compress": _check_ultra_compress,
 }
 
 
