@@ -15,6 +15,7 @@ from ..errors import LensError
 from ..kinds import UNKNOWN
 from ..model import LoRAModel, ensure_model
 from ..conflict.matching import canonical_key, check_architectures, scheme_of, SCHEME_WORDS
+from ..conflict.metrics import small_maths
 from .methods import (concat_factors, dare_merge, dense_to_factors, randomized_blend, svd_blend, ties_merge)
 from .output import OutputStyle, merged_metadata
 from .weights import LayerFilter, parse_block_weights
@@ -133,7 +134,7 @@ def blend(loras: list, weights: list[float], method: str = "concat", rank: int =
     ranks = set()
     renamed_counter = [0, 0]
     total = len(groups)
-    with torch.no_grad():
+    with torch.no_grad(), small_maths(device, busy_only=True):
         for step, (key, group) in enumerate(groups.items()):
             present = [(i, mod) for i, mod in enumerate(group) if mod is not None]
             names = [key] + [mod.name for _, mod in present]

@@ -16,6 +16,7 @@ import zlib
 import torch
 
 from .. import lowrank as lr
+from ..conflict.metrics import small_maths
 
 ZERO_TOL = 1e-6   # singular values below this fraction of the largest are dropped by "exact" SVD routes
 
@@ -29,11 +30,13 @@ def concat_factors(factors, coefs):
 
 def exact_svd(b: torch.Tensor, a: torch.Tensor):
     """(U, S, Vh) of b@a from the factors (the shared kernels of lens_ops.lowrank)."""
-    tr = getattr(lr, "factored_svd_transforms", None)
-    if tr is not None and b.shape[1] <= min(b.shape[0], a.shape[1]):
-        out = tr(b, a)
-        if out is not None and out[3]:
-            p, s, qt, _ = out
+    core = getattr(lr, "core_transforms", None)
+    if core is not None and b.shape[1] <= min(b.shape[0], a.shape[1]):
+        gb = (b.transpose(0, 1) @ b).double()
+        ga = (a @ a.transpose(0, 1)).double()
+        with small_maths(b.device):
+            p, s, qt, ok = core(gb, ga)
+        if ok:
             return b @ p.to(b.dtype), s.to(b.dtype), qt.to(b.dtype) @ a
     return lr.factored_svd(b, a)
 

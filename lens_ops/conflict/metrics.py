@@ -19,10 +19,38 @@ float32 on the given device by default (float64 with dtype=torch.float64); all s
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 
 REL_TOL = 1e-3  # singular values below this fraction of the largest count as numerically zero
+
+
+class small_maths:
+    """Run r×r LAPACK work (Cholesky, eigh, triangular solves) on one CPU thread: multi-threading such tiny
+    problems only adds synchronisation, which costs 10–100× when the machine is busy.
+
+    With `busy_only=True` it switches to one thread only when the CPU is oversubscribed (1-minute load average
+    above the core count): module-by-module loops then run 5–10× faster on a shared machine."""
+
+    def __init__(self, device, busy_only: bool = False):
+        self.cpu = torch.device(device).type == "cpu"
+        if self.cpu and busy_only:
+            try:
+                self.cpu = os.getloadavg()[0] > (os.cpu_count() or 1)
+            except OSError:
+                self.cpu = False
+
+    def __enter__(self):
+        if self.cpu:
+            self.saved = torch.get_num_threads()
+            if self.saved != 1:
+                torch.set_num_threads(1)
+        return self
+
+    def __exit__(self, *exc):
+        if self.cpu and self.saved != 1:
+            torch.set_num_threads(self.saved)
 
 
 def _basis(gram: torch.Tensor) -> torch.Tensor:
@@ -88,16 +116,19 @@ def _chance(k1: int, k2: int, dim: int) -> float:
 def lowrank_metrics(f1, f2, dtype=torch.float32) -> dict:
     """Metrics of s₁B₁A₁ vs s₂B₂A₂ from factors (B: n×r, A: r×m, on one device)."""
     (b1, a1, s1), (b2, a2, s2) = f1, f2
-    r1 = b1.shape[1]
     b1, b2, a1, a2 = (t.to(dtype) for t in (b1, b2, a1, a2))
     gb11, gb12, gb22 = (b1.T @ b1).double(), (b1.T @ b2).double(), (b2.T @ b2).double()
     ga11, ga12, ga22 = (a1 @ a1.T).double(), (a1 @ a2.T).double(), (a2 @ a2.T).double()
+    with small_maths(gb11.device):
+        return _from_grams(gb11, gb12, gb22, ga11, ga12, ga22, s1, s2, b1.shape[0], a1.shape[1])
+
+
+def _from_grams(gb11, gb12, gb22, ga11, ga12, ga22, s1, s2, n, m) -> dict:
     n1 = abs(s1) * math.sqrt(max(float((gb11 * ga11).sum()), 0.0))
     n2 = abs(s2) * math.sqrt(max(float((gb22 * ga22).sum()), 0.0))
     inner = s1 * s2 * float((gb12 * ga12).sum())
     wb1, wb2, wa1, wa2 = _basis(gb11), _basis(gb22), _basis(ga11), _basis(ga22)
     col, row = _cos2(wb1, gb12, wb2), _cos2(wa1, ga12, wa2)
-    n, m = b1.shape[0], a1.shape[1]
     out = _subspace_fields(col, row, (wb1.shape[1], wb2.shape[1]), (wa1.shape[1], wa2.shape[1]), n, m)
     # energy of ΔW₁ inside B's column × row spaces: ‖(Q_b2ᵀB₁)(A₁Q_a2)‖²
     if n1 > 0 and n2 > 0 and wb2.shape[1] and wa2.shape[1] and wb1.shape[1] and wa1.shape[1]:

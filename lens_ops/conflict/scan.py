@@ -12,7 +12,7 @@ import torch
 from ..errors import LensError
 from ..model import LoRAModel, ensure_model
 from .matching import match_modules
-from .metrics import module_metrics
+from .metrics import module_metrics, small_maths
 
 PROBLEM_THRESHOLD = 0.35     # module conflict score at or above which a module is a problem
 CANCEL_THRESHOLD = -0.35     # cosine at or below which stacking cancels: a problem too
@@ -92,7 +92,7 @@ def scan(a, b, device="cpu", dtype=torch.float32, progress: Callable[[int, int],
     match = match_modules(a, b, require_overlap=True)
     modules, not_compared = {}, []
     total = len(match.shared)
-    with torch.no_grad():
+    with torch.no_grad(), small_maths(device, busy_only=True):
         for i, (key, ma, mb) in enumerate(match.shared):
             met = module_metrics(ma, mb, device, dtype)
             if met is None:
