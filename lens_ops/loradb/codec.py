@@ -52,13 +52,15 @@ def encode_stream(writer, data: np.ndarray, e: int, level: int) -> dict:
             blob, codec = fut.result()
             chunks.append(writer.put(blob, codec) + [raw_len, codec])
         out.append(chunks)
-    return {"e": e, "n": int(data.size // e), "planes": out}
+    return writer.register_stream({"e": e, "n": int(data.size // e), "planes": out})
 
 
 def check_stream(desc, what: str) -> tuple[int, int]:
     if not isinstance(desc, dict):
         raise LensError(f"{what}: malformed stream record.")
-    e, n, planes = desc.get("e"), desc.get("n"), desc.get("planes")
+    e, n, planes, base = desc.get("e"), desc.get("n"), desc.get("planes"), desc.get("base", 0)
+    if not isinstance(base, int) or isinstance(base, bool) or base < 0:
+        raise LensError(f"{what}: malformed stream record.")
     if e not in ELEM_SIZES or not isinstance(n, int) or n < 0 or not isinstance(planes, list) or len(planes) != e:
         raise LensError(f"{what}: malformed stream record.")
     for p in planes:
@@ -79,7 +81,8 @@ def decode_stream(reader, desc, what: str) -> np.ndarray:
     """Read and decode a whole stream back to its interleaved bytes (uint8 array of n·e)."""
     e, n = check_stream(desc, what)
     # read all chunks first (bounds-checked), then inflate in parallel
-    raw_chunks = [[(reader.read(c[0], c[1], what), c) for c in plane] for plane in desc["planes"]]
+    base = desc.get("base", 0)
+    raw_chunks = [[(reader.read(base + c[0], c[1], what), c) for c in plane] for plane in desc["planes"]]
 
     def dec(item):
         data, c = item

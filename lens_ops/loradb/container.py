@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 import threading
 
@@ -209,14 +210,17 @@ class Writer:
             self.tmp = None
             self.start_size = self.f.tell()
         else:
+            # a new file: payloads are staged in a temp file (offsets relative to its start); at commit the
+            # header and every entry table go to the FRONT of the file and the payloads follow, so a
+            # truncated file still lists every entry and extracts those whose bytes survived
             folder = os.path.dirname(self.path) or "."
             os.makedirs(folder, exist_ok=True)
             fd, self.tmp = tempfile.mkstemp(prefix=".lens-", suffix=".loradb.tmp", dir=folder)
             self.f = os.fdopen(fd, "w+b")
             self.generation = 0
-            self.f.write(MAGIC + FORMAT_MAJOR.to_bytes(4, "little") + FORMAT_MINOR.to_bytes(4, "little")
-                         + b"\0" * (2 * SLOT_SIZE))
         self.written = 0
+        self.streams: list[dict] = []      # stream descriptors whose chunk offsets are relative (new files)
+        self.tables: list[tuple] = []      # (table object, descriptor to fill) for new files
 
     def cctx(self, level: int) -> zstandard.ZstdCompressor:
         c = self._cctx.get(level)
@@ -232,6 +236,21 @@ class Writer:
         self.written += len(data)
         return [off, len(data)]
 
+    def register_stream(self, desc: dict) -> dict:
+        """Stream descriptors: chunk offsets are relative to desc["base"] (set at commit for new files)."""
+        if not self.append:
+            desc["base"] = 0
+            self.streams.append(desc)
+        return desc
+
+    def put_table(self, table: dict, level: int = 9) -> list:
+        """Store an entry table: appended now (append mode) or laid out at the front at commit (new file)."""
+        if self.append:
+            return self.put_blob(dumps_json(table), level=level)
+        desc: list = [0, 0, 0, CODEC_ZSTD, ""]
+        self.tables.append((table, desc))
+        return desc
+
     def put_blob(self, raw: bytes, level: int | None = None, checksum: bool = True) -> list:
         """Store raw bytes zstd-compressed (or raw when that is not smaller): [off, stored, raw, codec, sha]."""
         comp = zstandard.ZstdCompressor(level=level or self.level, write_content_size=True).compress(raw)
@@ -244,6 +263,8 @@ class Writer:
         return desc
 
     def commit(self, header: dict) -> str:
+        if not self.append:
+            return self._commit_new(header)
         raw = dumps_json(header)
         if len(raw) > MAX_HEADER_BYTES:
             raise LensError(f"The collection header would be {len(raw)} bytes (limit {MAX_HEADER_BYTES}).")
@@ -252,17 +273,71 @@ class Writer:
         self.f.write(stored)
         self.f.flush()
         os.fsync(self.f.fileno())
-        gen = self.generation + 1
-        slot = _slot_bytes(gen, off, len(stored), len(raw), 1, hashlib.sha256(stored).digest())
-        # write into the slot that does NOT hold the current generation (A for odd, B for even gens)
-        self.f.seek(SLOT_OFFSETS[(gen - 1) % 2])
-        self.f.write(slot)
-        self.f.flush()
-        os.fsync(self.f.fileno())
+        self._write_slot(self.generation + 1, off, stored, raw)
         self.f.close()
-        if self.tmp:
-            os.replace(self.tmp, self.path)
+        return self.path
+
+    def _write_slot(self, gen, off, stored, raw, f=None):
+        f = f or self.f
+        slot = _slot_bytes(gen, off, len(stored), len(raw), 1, hashlib.sha256(stored).digest())
+        # the slot that does NOT hold the current generation (A for odd, B for even generations)
+        f.seek(SLOT_OFFSETS[(gen - 1) % 2])
+        f.write(slot)
+        f.flush()
+        os.fsync(f.fileno())
+
+    def _commit_new(self, header: dict) -> str:
+        cz = zstandard.ZstdCompressor(level=9, write_content_size=True)
+        payload_len = self.f.tell()
+        guess = DATA_START + 4096
+        for _ in range(8):   # layout: preamble | entry tables | header | zero padding | payloads
+            for d in self.streams:
+                d["base"] = guess
+            blobs = []
+            pos = DATA_START
+            for table, desc in self.tables:
+                raw = dumps_json(table)
+                comp = cz.compress(raw)
+                desc[:] = [pos, len(comp), len(raw), CODEC_ZSTD, hashlib.sha256(raw).hexdigest()]
+                pos += len(comp)
+                blobs.append(comp)
+            hraw = dumps_json(header)
+            if len(hraw) > MAX_HEADER_BYTES:
+                raise LensError(f"The collection header would be {len(hraw)} bytes (limit {MAX_HEADER_BYTES}).")
+            hstored = cz.compress(hraw)
+            hoff = pos
+            end = pos + len(hstored)
+            if end <= guess:
+                break
+            guess = end + 4096 + end // 64
+        else:  # pragma: no cover - converges on the second pass
+            raise LensError("Internal error: could not lay out the collection header.")
+        folder = os.path.dirname(self.path) or "."
+        fd, final_tmp = tempfile.mkstemp(prefix=".lens-", suffix=".loradb.tmp", dir=folder)
+        try:
+            with os.fdopen(fd, "w+b") as out:
+                out.write(MAGIC + FORMAT_MAJOR.to_bytes(4, "little") + FORMAT_MINOR.to_bytes(4, "little")
+                          + b"\0" * (2 * SLOT_SIZE))
+                for comp in blobs:
+                    out.write(comp)
+                out.write(hstored)
+                out.write(b"\0" * (guess - out.tell()))
+                self.f.flush()
+                self.f.seek(0)
+                shutil.copyfileobj(self.f, out, 1 << 24)
+                if out.tell() != guess + payload_len:
+                    raise LensError("Internal error: payload copy was incomplete.")
+                out.flush()
+                os.fsync(out.fileno())
+                self._write_slot(1, hoff, hstored, hraw, out)
+            self.f.close()
+            os.replace(final_tmp, self.path)
+            os.unlink(self.tmp)
             self.tmp = None
+        except BaseException:
+            if os.path.exists(final_tmp):
+                os.unlink(final_tmp)
+            raise
         return self.path
 
     def abort(self):

@@ -127,7 +127,7 @@ def _write_entries(writer: Writer, header: dict, sources: list[Source], dedup: D
         before = writer.written
         table, stats = encode_file(writer, out["path"] if out else src.path, dedup, level,
                                    out.get("computed") if out else None)
-        tdesc = writer.put_blob(_dumps(table), level=9)
+        tdesc = writer.put_table(table)
         file_name = safe_file_name(src.file_name)
         if file_name in taken_files:
             stem = file_name[: -len(SUFFIX)]
