@@ -1,22 +1,16 @@
 // LoRA Lens: draws ConflictScan's conflict map (blocks × metrics) inside the node after it runs.
 // Data arrives in the node's ui output as `lens_conflict[0]` = {blocks, metrics, values, badness, overall,
-// ratio, stability, problems}. Shared drawing helpers come from ./lib/lens_draw.js when it is present.
+// ratio, stability, problems}. Colours, theme and number format come from ./lib/lens_draw.js.
 import { app } from "../../scripts/app.js";
-
-let draw = null;
-import("./lib/lens_draw.js").then((m) => { draw = m; }).catch(() => { draw = null; });
+import * as D from "./lib/lens_draw.js";
 
 const HEAD = { conflict: "conflict", cosine: "cosine", subspace_overlap: "subspace", energy_overlap: "energy",
   interference: "interf.", norm_balance: "balance" };
 const ROW_H = 14, HEAD_H = 18, LABEL_W = 74, PAD = 8, FOOT_H = 18;
 
 function ramp(x) {  // green (fine) → yellow → red (conflict)
-  if (x === null || x === undefined || Number.isNaN(x)) return "#404040";
-  if (draw && typeof draw.rampColor === "function") return draw.rampColor(x);
-  const t = Math.min(Math.max(x, 0), 1);
-  const r = t < 0.5 ? 40 + 380 * t : 230;
-  const g = t < 0.5 ? 180 : 180 - 300 * (t - 0.5);
-  return `rgb(${Math.round(r)},${Math.round(g)},50)`;
+  if (x === null || x === undefined || Number.isNaN(x)) return D.THEME.grid;
+  return D.rampColor(x);
 }
 
 function fmt(metric, v) {
@@ -28,20 +22,20 @@ function mapHeight(data) {
   return HEAD_H + ROW_H * data.blocks.length + FOOT_H + 2 * PAD;
 }
 
-function drawMap(ctx, node, data, top) {
+export function drawMap(ctx, node, data, top) {
   const width = node.size[0] - 2 * PAD;
   const cols = data.metrics.length;
   const cellW = Math.max(24, (width - LABEL_W) / cols);
   ctx.save();
-  ctx.font = "10px sans-serif";
+  ctx.font = D.THEME.small;
   ctx.textBaseline = "middle";
-  ctx.fillStyle = "#1e1e1e";
+  ctx.fillStyle = D.THEME.bg;
   ctx.fillRect(PAD, top, width, mapHeight(data) - PAD);
-  ctx.fillStyle = "#ddd";
+  ctx.fillStyle = D.THEME.text;
   data.metrics.forEach((m, j) => ctx.fillText(HEAD[m] || m, PAD + LABEL_W + j * cellW + 3, top + HEAD_H / 2));
   data.blocks.forEach((b, i) => {
     const y = top + HEAD_H + i * ROW_H;
-    ctx.fillStyle = "#ccc";
+    ctx.fillStyle = D.THEME.text;
     ctx.fillText(b, PAD + 3, y + ROW_H / 2);
     data.metrics.forEach((m, j) => {
       const v = data.values[i][j];
@@ -56,8 +50,8 @@ function drawMap(ctx, node, data, top) {
     });
   });
   const fy = top + HEAD_H + data.blocks.length * ROW_H + FOOT_H / 2 + 2;
-  ctx.fillStyle = "#eee";
-  ctx.fillText(`score ${data.overall.toFixed(3)} · ratio ${data.ratio} · ${data.stability} · ${data.problems} problem layer(s)`,
+  ctx.fillStyle = data.stability === "unstable" ? D.THEME.bad : data.stability === "caution" ? D.THEME.warn : D.THEME.good;
+  ctx.fillText(`score ${D.fmt(data.overall)} · ratio ${data.ratio} · ${data.stability} · ${data.problems} problem layer(s)`,
     PAD + 3, fy);
   ctx.restore();
 }
