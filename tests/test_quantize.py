@@ -184,6 +184,13 @@ def test_nan_refused_and_nothing_written(tmp_path):
     sd[next(k for k in sd if k.endswith("lora_down.weight"))][0, 0] = float("nan")
     with pytest.raises(LensError, match="NaN"):
         quantize_model(sd)
+    for kind, role in (("lokr_full", ".lokr_w1"), ("lokr_full", ".lokr_w2"), ("tucker", ".lora_mid.weight"),
+                       ("loha", ".hada_w2_b"), ("dora", ".dora_scale")):
+        bad = state_of(kind)
+        bad[NAME + role] = bad[NAME + role].clone()
+        bad[NAME + role].view(-1)[1] = float("inf") if kind == "tucker" else float("nan")
+        with pytest.raises(LensError, match="NaN"):
+            quantize_model(bad)
     from lens_ops.cli import main
     src = str(tmp_path / "nan.safetensors")
     save_file(sd, src)
@@ -243,7 +250,7 @@ def test_size_target(tmp_path):
     assert os.path.getsize(out) <= 0.52 * os.path.getsize(src)
 
 
-@pytest.mark.parametrize("layout,rank,mods", [("sdxl_kohya", 32, 48), ("flux_kohya", 64, 10)])
+@pytest.mark.parametrize("layout,rank,mods", [("sdxl_kohya", 32, 40), ("flux_kohya", 64, 6)])
 def test_quality_targets(layout, rank, mods):
     """Default: median per-module ΔW SNR ≥ 40 dB and ≥ 3 dB above naive per-tensor rounding."""
     sd = make_lora(layout, rank=rank, seed=11, max_modules=mods)

@@ -34,11 +34,15 @@ __all__ = ["quantize_model", "dequantize_model", "format_report", "METHODS", "FO
 
 
 def _check_finite(model: LoRAModel) -> None:
+    """Refuse NaN/Inf anywhere. Factor tensors of foldable modules are checked for free by the codec's
+    max|x| (NaN/Inf propagate); everything else (alpha, dora_scale, carried-through kinds) is checked here."""
     for m in model.modules:
-        n = m.nonfinite()
-        if n:
-            raise LensError(f"Module {m.name} contains {n} NaN/Inf value(s); refusing to quantize "
-                            "(fix or remove that module first).")
+        for role, t in m.tensors.items():
+            if m.kind.name in FOLDABLE and role != "alpha" and role != "dora_scale":
+                continue
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise LensError(f"Module {m.name} contains NaN/Inf value(s) in {role}; refusing to quantize "
+                                "(fix or remove that module first).")
 
 
 def _dense_size(model: LoRAModel) -> int:

@@ -27,12 +27,15 @@ def check_finite(x: torch.Tensor, where: str) -> None:
                         "(fix or drop that module first).")
 
 
-def encode(x: torch.Tensor, fmt: str = "int8", where: str = "tensor") -> tuple[torch.Tensor, float]:
-    """(quantized tensor, scale) with x ≈ q.float()·scale. `x` should be float32 (or float64)."""
+def encode(x: torch.Tensor, fmt: str = "int8", where: str = "tensor",
+           amax: float | None = None) -> tuple[torch.Tensor, float]:
+    """(quantized tensor, scale) with x ≈ q.float()·scale. `x` should be float32 (or float64); `amax`
+    (max|x|) may be passed when the caller already has it."""
     if fmt not in FORMATS:
         raise LensError(f"Unknown quantization format {fmt!r}; use int8 or fp8.")
     dtype, qmax = FORMATS[fmt]
-    amax = float(x.abs().max().item()) if x.numel() else 0.0
+    if amax is None:
+        amax = float(x.abs().max()) if x.numel() else 0.0
     if not math.isfinite(amax):
         check_finite(x, where)
     if amax == 0.0:

@@ -14,6 +14,7 @@ the weight decomposition, so the folded alpha reaches it exactly.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -23,7 +24,7 @@ from ..kinds.base import as_float
 from ..kinds.lora import fold_mid
 from ..model import DTYPE_NAMES, LoRAModule
 from . import transforms
-from .codec import decode, encode
+from .codec import check_finite, decode, encode
 from .metrics import Stats, dense_stats, lowrank_error, lowrank_signal, tensor_stats
 
 FOLDABLE = ("lora", "loha", "lokr")
@@ -58,12 +59,17 @@ def _dense_dtype(m: LoRAModule) -> torch.dtype:
     return torch.float64 if n <= (1 << 22) else torch.float32
 
 
-def predicted_noise(b: torch.Tensor, a: torch.Tensor, qmax: float = 127.0) -> float:
+def _amax_norm(x: torch.Tensor) -> tuple[float, float]:
+    vn = torch.linalg.vector_norm
+    return float(vn(x, math.inf)), float(vn(x))
+
+
+def predicted_noise(b: torch.Tensor, a: torch.Tensor, qmax: float = 127.0, stats=None) -> float:
     """Expected ‖b@a − b̂@â‖² for independent uniform rounding errors (step Δ = max|x|/qmax):
     n·Δ_b²/12·‖a‖² + m·Δ_a²/12·‖b‖². Used only to skip candidates that cannot win."""
-    db = float(b.abs().max()) / qmax
-    da = float(a.abs().max()) / qmax
-    return (b.shape[0] * db * db * float(a.pow(2).sum()) + a.shape[1] * da * da * float(b.pow(2).sum())) / 12.0
+    (mb, nb), (ma, na) = stats or (_amax_norm(b), _amax_norm(a))
+    db, da = mb / qmax, ma / qmax
+    return (b.shape[0] * db * db * na * na + a.shape[1] * da * da * nb * nb) / 12.0
 
 
 def _candidates(method: str) -> list[str]:
@@ -106,15 +112,20 @@ def _lora(m: LoRAModule, fmt: str, method: str, dense: bool, device) -> ModuleRe
         a = a.flatten(start_dim=1)
         cands = _candidates(method)
         prepared = {c: transforms.apply(c, b, a) for c in cands}
+        stats = {c: (_amax_norm(prepared[c][0]), _amax_norm(prepared[c][1])) for c in cands}
+        for c in cands:
+            if not all(math.isfinite(v) for pair in stats[c] for v in pair):
+                check_finite(b, f"Module {m.name} (up)")
+                check_finite(a, f"Module {m.name} (down)")
         if len(cands) > 1 and fmt == "int8":
-            preds = {c: predicted_noise(*prepared[c]) for c in cands}
+            preds = {c: predicted_noise(*prepared[c], stats=stats[c]) for c in cands}
             best_pred = min(preds.values())
             cands = [c for c in cands if preds[c] <= best_pred * 10 ** (PREDICT_MARGIN_DB / 10)]
         best = None
         for c in cands:
             bt, at = prepared[c]
-            qb, sb = encode(bt, fmt, f"Module {m.name} (up)")
-            qa, sa = encode(at, fmt, f"Module {m.name} (down)")
+            qb, sb = encode(bt, fmt, f"Module {m.name} (up)", amax=stats[c][0][0])
+            qa, sa = encode(at, fmt, f"Module {m.name} (down)", amax=stats[c][1][0])
             bq, aq = decode(qb, sb), decode(qa, sa)
             err, sig = lowrank_error(bt, at, bq, aq, scale, with_signal=True)
             if best is None or err < best[0]:
@@ -164,6 +175,7 @@ def _product_kind(m: LoRAModule, fmt: str, method: str, dense: bool, device) -> 
     carrier = None
     if m.kind.name == "lokr" and rank is None:  # ComfyUI ignores alpha here: fold into a float32 side
         carrier = min(("lokr_w1", "lokr_w2"), key=lambda k: m.tensors[k].numel())
+        check_finite(m.tensors[carrier], f"Module {m.name} ({carrier})")  # the codec never sees it
     cands = _candidates(method) if pairs else ["naive"]
     if method == "auto" and pairs:
         cands = ["naive", "rebalance+rotate"]

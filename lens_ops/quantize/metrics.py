@@ -70,9 +70,8 @@ def tensor_stats(x: torch.Tensor, xq: torch.Tensor) -> Stats:
     e = x - xq.to(w)
     if not e.numel():
         return Stats(0.0, 0.0, 0.0, 0.0, 0)
-    ea = e.abs()
-    return Stats(float(torch.linalg.vector_norm(x)) ** 2, float(torch.linalg.vector_norm(e)) ** 2,
-                 float(ea.sum(dtype=torch.float64)), float(ea.max()), x.numel())
+    vn = torch.linalg.vector_norm
+    return Stats(float(vn(x)) ** 2, float(vn(e)) ** 2, float(vn(e, 1)), float(vn(e, math.inf)), x.numel())
 
 
 def _work(*ts) -> torch.dtype:
