@@ -35,6 +35,7 @@ API_FILES = sorted(glob.glob(os.path.join(API_DIR, "*.json")))
 LORA_LAYOUT = "sd15_kohya"   # the tiny checkpoint is SD 1.5, so these LoRAs apply to it
 LORA_RANK = 16
 TIMINGS: dict[str, float] = {}
+LORADB_MEMBERS: dict[str, list[str]] = {}   # .loradb made here -> the LoRA files packed into it (losslessly)
 
 
 # ----------------------------------------------------------------------------------------- file placement
@@ -68,6 +69,7 @@ def make_loradb(server, name: str, members: list[str] | None = None) -> str:
     members = members or [f"member_{i}" for i in range(3)]
     files = [make_lora_file(os.path.join(src, m if m.endswith(".safetensors") else m + ".safetensors"),
                             _seed(name) + i, rank=8) for i, m in enumerate(members)]
+    LORADB_MEMBERS[dest] = files
     os.makedirs(os.path.dirname(dest), exist_ok=True)
     r = subprocess.run([sys.executable, "-m", "lens_ops", "pack", "-o", dest, *files], cwd=ROOT,
                        capture_output=True, text=True, timeout=600)
@@ -209,6 +211,74 @@ def _check_ultra_compress(server, prompt, entry, made, new_files):
     assert worst >= 19.5, f"worst module ΔW SNR {worst:.1f} dB after prune 0.99 + int8"
 
 
+def _source_file(prompt, link, made) -> str | None:
+    """The LoRA file behind a LORA_MODEL link when it comes straight from LoadLoRAFile at strength 1."""
+    if not isinstance(link, list):
+        return None
+    src = prompt.get(link[0], {})
+    if src.get("class_type") != "LoadLoRAFile" or src["inputs"].get("bake_strength", 1.0) != 1.0:
+        return None
+    return made.get(src["inputs"].get("lora_name"))
+
+
+def _tensors(path: str) -> dict:
+    from safetensors.torch import load_file
+    return load_file(path)
+
+
+def _node_conflict_scan(server, prompt, nid, entry, made, new_files):
+    """The conflict score and the recommended ratio the node shows equal lens_ops.conflict.scan's on the files."""
+    a = _source_file(prompt, prompt[nid]["inputs"].get("lora_a"), made)
+    b = _source_file(prompt, prompt[nid]["inputs"].get("lora_b"), made)
+    if not (a and b):
+        return
+    from lens_ops import LoRAModel
+    from lens_ops.conflict import scan
+    kw = {}
+    if isinstance(prompt[nid]["inputs"].get("problem_threshold"), (int, float)):
+        kw["problem_threshold"] = prompt[nid]["inputs"]["problem_threshold"]
+    rep = scan(LoRAModel.load(a), LoRAModel.load(b), **kw)
+    view = entry["outputs"][nid]["lens_conflict"][0]
+    assert abs(view["overall"] - rep["overall"]["conflict_score"]) <= 1e-4 * max(1.0, abs(view["overall"]))
+    assert view["ratio"] == rep["recommended_ratio"]["text"]
+    assert view["problems"] == len(rep["problem_modules"])
+
+
+def _node_pack_loradb(server, prompt, nid, entry, made, new_files):
+    """A lossless PackLoRADB collection gives back every packed file byte for byte."""
+    inputs = prompt[nid]["inputs"]
+    if not str(inputs.get("optimisation", "")).startswith("none"):
+        return
+    dbs = [f for f in new_files if f.endswith(".loradb")]
+    assert len(dbs) == 1, f"PackLoRADB wrote {dbs}"
+    sources = [made[v] for k, v in inputs.items() if k.startswith("lora_file_") and v in made]
+    from lens_ops.loradb import open_collection
+    with open_collection(dbs[0]) as col:
+        got = {bytes(col.extract_bytes(e)) for e in col.entries}
+    for path in sources:
+        assert open(path, "rb").read() in got, f"{os.path.basename(path)} does not come back bit-exact"
+
+
+def _node_extract_loradb(server, prompt, nid, entry, made, new_files):
+    """Entries extracted from a collection packed here (losslessly) and saved are the packed LoRAs' tensors."""
+    members = LORADB_MEMBERS.get(made.get(prompt[nid]["inputs"].get("loradb")))
+    saved = _saved_files(server, new_files)
+    if not members or not saved:
+        return
+    originals = [_tensors(m) for m in members]
+    for path in saved:
+        t = _tensors(path)
+        same = [o for o in originals if o.keys() == t.keys() and all(torch.equal(o[k], t[k]) for k in o)]
+        assert same, f"{path} is none of the packed LoRAs"
+
+
+NODE_CHECKS = {   # run for every node of the type, in any workflow
+    "ConflictScan": _node_conflict_scan,
+    "PackLoRADB": _node_pack_loradb,
+    "ExtractLoRADB": _node_extract_loradb,
+}
+
+
 EXTRA_CHECKS = {
     "01_load_inspect_save": _check_load_inspect_save,
     "05_ultra_compress": _check_ultra_compress,
@@ -305,6 +375,10 @@ def test_example_workflow_runs(path, comfy_server):
     TIMINGS[name] = secs
     assert entry["status"]["status_str"] == "success", f"{name}: {errors_of(entry)}"
     check_outputs(comfy_server, prompt, entry, info, new_files)
+    for nid, node in prompt.items():
+        check = NODE_CHECKS.get(node["class_type"])
+        if check:
+            check(comfy_server, prompt, nid, entry, made, new_files)
     extra = EXTRA_CHECKS.get(name)
     if extra:
         extra(comfy_server, prompt, entry, made, new_files)
