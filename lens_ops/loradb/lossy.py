@@ -3,7 +3,8 @@
 Shared basis (per module name, over every entry that has that module with the same shape): with each
 LoRA's exact factored SVD ΔWᵢ = Uᵢ Sᵢ Vᵢᵀ (lens_ops.lowrank), the group's column basis U is the top-k left
 singular space of [U₁S₁ … U_NS_N] and the row basis V likewise from [V₁S₁ …]; each LoRA keeps a small core
-Cᵢ = U⁺ ΔWᵢ V⁺ᵀ (k×k, rank ≤ rᵢ), stored as two factors Lᵢ (k×r′) and Rᵢ (r′×k). Extraction computes
+Cᵢ = U⁺ ΔWᵢ V⁺ᵀ (k×k, rank ≤ rᵢ), stored as two factors Lᵢ (k×r′) and Rᵢ (r′×k) (fp16, or int8 with
+per-column scales when int8 is asked for). Extraction computes
 upᵢ = U·Lᵢ and downᵢ = Rᵢ·Vᵀ (float64, rounded to the entry's dtype): a standard LoRA again. U and V are
 stored once (fp16, or int8 with one scale per column when int8 is asked for). k is the smallest value at
 which every LoRA of the group keeps its module ΔW SNR ≥ the budget *after* all rounding (measured
@@ -120,10 +121,10 @@ def _try_k(ms, lowr, U_all, V_all, k, int8, budget_ratio, refs=None):
         cu, cs, cvh = torch.linalg.svd(core)
         rr = min(r, k)
         scale_new = (m.alpha / rr) if m.alpha is not None else 1.0
-        L = (cu[:, :rr] * cs[:rr].sqrt() / scale_new).to(torch.float16)
-        R = (cs[:rr].sqrt()[:, None] * cvh[:rr]).to(torch.float16)
-        up = mm_product(Ud, operand(L, None, False), m.tensors["up"].dtype)
-        down = mm_product(operand(R, None, False), Vd.T, m.tensors["down"].dtype)
+        L = _quant_cols(cu[:, :rr] * cs[:rr].sqrt() / scale_new, int8)   # (stored, per-column scale|None)
+        R = _quant_cols(cs[:rr].sqrt()[:, None] * cvh[:rr], int8)
+        up = mm_product(Ud, operand(L[0], L[1], False), m.tensors["up"].dtype)
+        down = mm_product(operand(R[0], R[1], False), Vd.T, m.tensors["down"].dtype)
         # exact error of the rounded result against the original module
         x = frobenius_inner(rb, ra, rb, ra)
         b2 = up.to(torch.float64) * scale_new
@@ -215,7 +216,7 @@ def plan_shared(models: list[LoRAModel], mode: str, int8: bool, snr_db: float, d
         if plan is None:
             continue
         shared_bytes = (n + mdim) * plan["k"] * per * (0.95 if int8 else 0.85) \
-            + sum(2 * 2 * plan["k"] * o[4] for o in plan["outs"])
+            + sum(2 * per * plan["k"] * o[4] for o in plan["outs"])
         use = (mode == "on" and plan["k"] < total_r) or (mode == "auto" and shared_bytes < 0.9 * own)
         if use:
             plan.update(entries=idx, est_bytes=shared_bytes, own_bytes=own)
@@ -294,7 +295,9 @@ def prepare_lossy(srcs, writer, recipe=None, int8=False, shared_basis="off", snr
                     tens["alpha"] = base.tensors["alpha"]
                 nm = base.with_tensors(tens)
                 new_mods[name] = nm
-                own[f"{name}|L"], own[f"{name}|R"] = L, R
+                own[f"{name}|L"], own[f"{name}|R"] = L[0], R[0]
+                if L[1] is not None:
+                    own[f"{name}|Ls"], own[f"{name}|Rs"] = L[1], R[1]
                 computed[nm.keys["up"]] = {"x": {**refs[f"{name}|U"], "scale": refs.get(f"{name}|Us"), "T": False},
                                            "y": (name, "L", False)}
                 computed[nm.keys["down"]] = {"x": (name, "R", False),
@@ -309,7 +312,8 @@ def prepare_lossy(srcs, writer, recipe=None, int8=False, shared_basis="off", snr
                 for side in ("x", "y"):
                     if isinstance(spec[side], tuple):
                         name, which, tr = spec[side]
-                        spec[side] = {**own_refs[f"{name}|{which}"], "scale": None, "T": tr}
+                        spec[side] = {**own_refs[f"{name}|{which}"], "scale": own_refs.get(f"{name}|{which}s"),
+                                      "T": tr}
             layers = (["prune"] if recipe else []) + (["int8"] if int8 else []) + \
                 (["shared-basis"] if new_mods else [])
             meta = final.with_provenance("loradb_pack", {**settings, "source": src.file_name})
