@@ -134,7 +134,7 @@ def test_bad_input_is_a_sentence():
 
 
 def test_blocks_shares_and_smallest_set():
-    sd = make_lora("sdxl_kohya", rank=4, seed=5, max_modules=120)
+    sd = make_lora("sdxl_kohya", rank=4, seed=5, max_modules=60)
     rep = analyze(LoRAModel.from_state_dict(sd), block_share=0.8)
     b = rep["blocks"]
     assert sum(v["share"] for v in b["blocks"].values()) == pytest.approx(1.0)

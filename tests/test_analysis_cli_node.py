@@ -42,22 +42,26 @@ def test_cli_json_only_json_with_module_names_as_in_file(sample):
         assert e["effective_rank_90"] <= e["effective_rank_99"] <= e["effective_rank_999"] <= 8
 
 
-def test_cli_text_and_errors(sample, tmp_path):
+def test_cli_text_and_errors(sample, tmp_path, capsys):
+    from lens_ops.cli import main
     path, _ = sample
     png = tmp_path / "h.png"
-    r = cli("analyze", str(path), "--table", "5", "--image", str(png))
-    assert r.returncode == 0 and "Efficiency:" in r.stdout and "Health:" in r.stdout and "k99" in r.stdout
+    assert main(["analyze", str(path), "--table", "5", "--image", str(png)]) == 0
+    out = capsys.readouterr().out
+    assert "Efficiency:" in out and "Health:" in out and "k99" in out
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    r = cli("analyze", str(path), "--llm")
-    assert r.returncode == 0 and "LoRA ANALYSIS REPORT" in r.stdout
+    assert main(["analyze", str(path), "--llm"]) == 0
+    assert "LoRA ANALYSIS REPORT" in capsys.readouterr().out
     empty = tmp_path / "empty.safetensors"
     save_file({}, str(empty))
-    r = cli("analyze", str(empty), "--json")
-    assert r.returncode == 2 and r.stdout == "" and "no tensors" in r.stderr and "Traceback" not in r.stderr
+    assert main(["analyze", str(empty), "--json"]) == 2
+    r = capsys.readouterr()
+    assert r.out == "" and "no tensors" in r.err and "Traceback" not in r.err
     unk = tmp_path / "unknown.safetensors"
     save_file({"foo.bar": torch.randn(3, 3), "baz": torch.randn(2)}, str(unk))
-    r = cli("analyze", str(unk), "--json")
-    assert r.returncode == 2 and r.stdout == "" and "unknown kind" in r.stderr
+    assert main(["analyze", str(unk), "--json"]) == 2
+    r = capsys.readouterr()
+    assert r.out == "" and "unknown kind" in r.err
 
 
 def test_node_outputs_and_ui_payload_identical(comfy_env, sample):

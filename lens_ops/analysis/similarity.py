@@ -38,6 +38,14 @@ def _factors(m, dtype, device):
     return mat, torch.eye(mat.shape[1], dtype=dtype, device=device), 1.0
 
 
+def _inner_size(m) -> int:
+    r = m.rank()
+    if m.kind.name == "lora" and r:
+        return r
+    shape = m.weight_shape()
+    return math.prod(shape[1:]) if len(shape) > 1 else 1
+
+
 def _flat_shape(e):
     s = e["shape"]
     if not s:
@@ -62,11 +70,12 @@ def similarity_groups(model: LoRAModel, entries: dict, device="cpu") -> list[dic
         mods = [model.get(n) for n in names]
         dtype = torch.float64 if any(work_dtype(next(iter(m.tensors.values()))) == torch.float64 for m in mods) \
             else torch.float32
-        facs = [_factors(m, dtype, device) for m in mods]
         n, mm = shape
-        N, kk = len(mods), max(f[0].shape[1] for f in facs)
+        N = len(mods)
+        kk = max(_inner_size(m) for m in mods)
         if 2.0 * (n + mm) * (N * kk) ** 2 <= FLOP_BUDGET:
             method = "exact (from factors)"
+            facs = [_factors(m, dtype, device) for m in mods]   # small by the budget
             bs = [f[0] * f[2] for f in facs]
             as_ = [f[1] for f in facs]
             # pad every module to the same inner size (zero columns of B / rows of A add nothing)
@@ -81,7 +90,11 @@ def similarity_groups(model: LoRAModel, entries: dict, device="cpu") -> list[dic
             g = torch.Generator().manual_seed(n * 7919 + mm)
             om_l = (torch.randn(SKETCH, n, generator=g) / math.sqrt(SKETCH)).to(device=device, dtype=dtype)
             om_r = (torch.randn(mm, SKETCH, generator=g) / math.sqrt(SKETCH)).to(device=device, dtype=dtype)
-            ys = torch.stack([((om_l @ (b * s)) @ (a @ om_r)).reshape(-1) for b, a, s in facs]).double()
+            ys = []
+            for m in mods:  # one module's factors at a time: memory stays small
+                b, a, s = _factors(m, dtype, device)
+                ys.append(((om_l @ b) @ (a @ om_r)).reshape(-1).double() * s)
+            ys = torch.stack(ys)
             inner = ys @ ys.transpose(0, 1)   # E[⟨Ω_L X Ω_R, Ω_L Y Ω_R⟩] = ⟨X, Y⟩
         norms = inner.diagonal().clamp_min(0).sqrt()
         cos = inner / (norms[:, None] * norms[None, :]).clamp_min(1e-300)

@@ -117,6 +117,8 @@ def _finish(entry: dict, s: torch.Tensor | None, mean: float, numel: int, elems:
     entry["std"] = math.sqrt(max(energy / numel - mean * mean, 0.0)) if numel else 0.0
     entry["numel"] = numel
     entry["elements"] = elems
+    entry["l2_norm"] = entry["frobenius_norm"]  # of ΔW (= Frobenius), exact
+    entry["all_zero"] = entry["energy"] == 0.0
 
 
 def _sample_grid(n: int, m: int, gen: torch.Generator, device):
@@ -215,6 +217,7 @@ def analyze_modules(model: LoRAModel, device="cpu", progress: Callable[[int, int
             floats = [t.float().flatten() for r, t in m.tensors.items() if r != "alpha" and t.is_floating_point()]
             if floats:
                 e["factors"] = factor_numbers(floats)
+                e["all_zero"] = e["factors"]["l1_norm"] == 0.0
             if kind in WEIGHT_DEPENDENT:
                 e["note"] = (f"{m.kind.label}: the change depends on the base weight; no stand-alone ΔW, "
                              "so no spectrum")
