@@ -35,11 +35,21 @@ class PruneSession:
     """Holds one model's decomposition so several recipes cost one SVD pass."""
 
     def __init__(self, model: LoRAModel, device="cpu", progress: Callable[[int, int], None] | None = None,
-                 base=None, convert_lyco: bool = False):
+                 base=None, convert_lyco: bool = False, n_recipes: int = 1):
         self.model = model
+        # progress over the whole run: the decomposition, then writing each module once per recipe
+        n = max(1, len(model.modules))
+        self._units = n * (1 + n_recipes)
+        self._done = 0
+        self._progress = progress
+
+        def dec_progress(done, total):
+            if progress is not None:
+                progress(int(done * n / max(total, 1)), self._units)
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.base = base
-        self.decs: dict[str, Decomp] = decompose(model.modules, self.device, progress, convert_lyco)
+        self.decs: dict[str, Decomp] = decompose(model.modules, self.device, dec_progress, convert_lyco)
+        self._done = n
         self.peft = any(k.endswith((".lora_A.weight", ".lora_A", ".lora_A.default.weight"))
                         for m in model.modules for k in m.keys.values())
         self._base_done = False
@@ -163,7 +173,9 @@ class PruneSession:
         new_modules = []
         entries = []
         rescale = recipe.rescale
-        for m in self.model.modules:
+        for i, m in enumerate(self.model.modules):
+            if self._progress is not None and (i % 16 == 0 or i == len(self.model.modules) - 1):
+                self._progress(min(self._done + i + 1, self._units), self._units)  # an interrupt point in ComfyUI
             d = elig.get(m.name)
             if d is None:
                 kept = m
@@ -229,6 +241,7 @@ class PruneSession:
                 note += "; DoRA (output-axis magnitude, normalised by the base weight: unchanged)"
             new_modules.append(new)
             entries.append(module_entry(m, new, d, idx, rescale, note, self.base is not None))
+        self._done += len(self.model.modules)
         out = LoRAModel(new_modules, self.model.metadata, self.model.source)
         report = {"recipe": recipe.text, "settings": recipe.settings(), "threshold": threshold,
                   "modules": entries}
@@ -276,7 +289,7 @@ def prune_many(model: LoRAModel, recipes, device="cpu", progress=None, base=None
         recipes = parse_recipes(recipes)
     recipes = [parse_recipe(r) if isinstance(r, str) else r for r in recipes]
     _check_base(recipes, base)
-    session = PruneSession(model, device, progress, base, any(r.lyco == "convert" for r in recipes))
+    session = PruneSession(model, device, progress, base, any(r.lyco == "convert" for r in recipes), len(recipes))
     return [session.run(r) for r in recipes]
 
 
