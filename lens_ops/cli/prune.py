@@ -125,9 +125,11 @@ def demo(ctx):
     for (out, rep), tag in zip(results, ("energy99", "rank8")):
         path = out.save(ctx.path(f"sample_pruned_{tag}.safetensors"))
         tt = rep["total"]
+        snr = "exact" if tt["snr_db"] is None else f"SNR {tt['snr_db']:.1f} dB"
+        ranks = (f", mean rank {tt['old_rank_mean']:.0f} → {tt['new_rank_mean'] or 0:.1f}"
+                 if tt["old_rank_mean"] else "")
         lines.append(f"{rep['recipe']}: {os.path.getsize(ctx.sample) / 2**20:.1f} → {os.path.getsize(path) / 2**20:.1f} MiB "
-                     f"(saved {100 * tt['saved_fraction']:.0f}%), mean rank {tt['old_rank_mean']:.0f} → "
-                     f"{tt['new_rank_mean']:.1f}, ΔW error {100 * tt['rel_error']:.2f}% "
-                     f"(SNR {tt['snr_db']:.1f} dB) → {os.path.basename(path)}")
+                     f"(saved {100 * tt['saved_fraction']:.0f}%){ranks}, ΔW error {100 * tt['rel_error']:.2f}% "
+                     f"({snr}) → {os.path.basename(path)}")
     lines.append(f"both outputs from one decomposition in {time.perf_counter() - t:.1f}s")
     ctx.say("prune", "\n".join(lines))
