@@ -76,7 +76,10 @@ class PruneSession:
                 d.base["subspace"] = ((vh @ w.transpose(0, 1)) * u.transpose(0, 1)).sum(1).double().cpu()
 
     # ------------------------------------------------------------------ one recipe
-    def run(self, recipe: Recipe | str) -> tuple[LoRAModel, dict]:
+    def run(self, recipe: Recipe | str, release: bool = False) -> tuple[LoRAModel, dict]:
+        """Prune by one recipe. `release` frees each module's decomposition once its output is built
+        (for the last recipe of a run: keeps peak memory at input + output)."""
+        self._release = release
         if isinstance(recipe, str):
             recipe = parse_recipe(recipe)
         if recipe.lyco == "convert" and any(m.kind.name in ("loha", "lokr") and m.name not in self.decs
@@ -173,10 +176,16 @@ class PruneSession:
         new_modules = []
         entries = []
         rescale = recipe.rescale
+        prev = None
         for i, m in enumerate(self.model.modules):
             if self._progress is not None and (i % 16 == 0 or i == len(self.model.modules) - 1):
                 self._progress(min(self._done + i + 1, self._units), self._units)  # an interrupt point in ComfyUI
+            if prev is not None:
+                prev.P = prev.Qt = prev.U = prev.Vh = None  # built: free its decomposition
+                prev = None
             d = elig.get(m.name)
+            if d is not None and self._release:
+                prev = d
             if d is None:
                 kept = m
                 note = notes.get(m.name)
@@ -290,7 +299,7 @@ def prune_many(model: LoRAModel, recipes, device="cpu", progress=None, base=None
     recipes = [parse_recipe(r) if isinstance(r, str) else r for r in recipes]
     _check_base(recipes, base)
     session = PruneSession(model, device, progress, base, any(r.lyco == "convert" for r in recipes), len(recipes))
-    return [session.run(r) for r in recipes]
+    return [session.run(r, release=(i == len(recipes) - 1)) for i, r in enumerate(recipes)]
 
 
 def _check_base(recipes, base):
