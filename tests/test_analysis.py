@@ -201,3 +201,29 @@ def test_duplicates_and_outliers_found():
     assert any(f["id"] == "duplicates" for f in rep["findings"])
     assert rep["map"]["outliers"][0] == "lora_unet_output_blocks_50_1_proj_out"
     assert len(rep["map"]["points"]) == len(rep["map"]["modules"]) == 14
+
+
+def test_released_file_pages_keep_every_value(tmp_path):
+    """Analysing a mapped file gives its clean pages back to the OS; data (and in-place edits) survive."""
+    from lens_ops.analysis.pages import PageReleaser
+    from lens_ops.st_io import atomic_save
+    sd = make_lora("sd15_kohya", rank=16, seed=6, max_modules=24)
+    path = atomic_save(sd, str(tmp_path / "x.safetensors"), sd.metadata)
+    model = LoRAModel.load(path)
+    edited = model.modules[3].tensors["up"]
+    edited[0, 0] = 1.5  # an in-place write makes a private copy of that page: it must not be dropped
+    with_release = analyze_modules(model, release_pages=True)
+    without = analyze_modules(model, release_pages=False)
+    assert with_release == without
+    assert float(edited[0, 0]) == 1.5
+    for m, ref in zip(model.modules, LoRAModel.from_state_dict(sd).modules):
+        for role, t in m.tensors.items():
+            if m is model.modules[3] and role == "up":
+                assert torch.equal(t[1:], ref.tensors[role][1:]) and torch.equal(t[0, 1:], ref.tensors[role][0, 1:])
+            else:
+                assert torch.equal(t, ref.tensors[role]), (m.name, role)
+    pr = PageReleaser(path)
+    if pr:  # Linux with a mapped file: something was actually given back
+        pr.release([t for m in model.modules for t in m.tensors.values()])
+        assert pr.released > 0
+        pr.close()

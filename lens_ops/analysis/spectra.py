@@ -23,6 +23,7 @@ import torch
 from ..kinds import UNKNOWN
 from ..lowrank import work_dtype
 from ..model import DTYPE_NAMES, LoRAModel, LoRAModule
+from .pages import PageReleaser
 from .stats import element_numbers, spectrum_numbers
 
 SAMPLE = 4096
@@ -198,9 +199,11 @@ def _dense_module(m: LoRAModule, entry: dict, dtype, device, gen):
 
 
 def analyze_modules(model: LoRAModel, device="cpu", progress: Callable[[int, int], None] | None = None,
-                    seed: int = 0) -> dict[str, dict]:
-    """{module name: numbers} for every module, in file order."""
+                    seed: int = 0, release_pages: bool = True) -> dict[str, dict]:
+    """{module name: numbers} for every module, in file order. With `release_pages`, the file pages of
+    analysed modules are given back to the OS as it goes (see pages.py; data is never changed)."""
     entries = {m.name: base_entry(m) for m in model.modules}
+    pages = PageReleaser(model.source if release_pages else None)
     groups: dict[tuple, list[LoRAModule]] = defaultdict(list)
     singles = []
     for m in model.modules:
@@ -244,15 +247,17 @@ def analyze_modules(model: LoRAModel, device="cpu", progress: Callable[[int, int
             # which matters on a busy machine; torch releases the GIL inside every kernel
             torch.set_num_threads(1)
         with ThreadPoolExecutor(max_workers=workers) as pool:
-            futures = {pool.submit(fn, mods, entries, dtype, device, torch.Generator().manual_seed(sd)): len(mods)
+            futures = {pool.submit(fn, mods, entries, dtype, device, torch.Generator().manual_seed(sd)): (len(mods), mods)
                        for fn, mods, dtype, sd in jobs}
             for fut in as_completed(futures):
                 fut.result()
-                done += futures[fut]
+                pages.release([t for m in futures[fut][1] for t in m.tensors.values()])
+                done += futures[fut][0]
                 if progress is not None:
                     progress(done, total)
     finally:
         torch.set_num_threads(before)
+        pages.close()
     return entries
 
 
