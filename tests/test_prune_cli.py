@@ -136,3 +136,48 @@ def test_node_contract_and_run(comfy_env):
     with pytest.raises(ValueError, match="Allowed") as e:  # the pack's own LensError (a ValueError)
         cls().prune(sd, method="recipe", value=0, recipe="nonsense=1")
     assert type(e.value).__name__ == "LensError"
+
+
+def test_node_base_from_comfy_maps_keys_like_comfy_lora(comfy_env, monkeypatch):
+    """The node's MODEL/CLIP adapter: key maps from comfy.lora (string keys and (key, (dim, start, size))
+    slices of fused weights) resolve to the model's tensors; ckpt scores then run."""
+    import importlib
+    import types
+    pack, _ = comfy_env
+    mod = importlib.import_module(pack.__name__ + ".nodes.prune")
+    sd = make_lora("sd15_kohya", rank=8, seed=4, max_modules=6)
+    model = LoRAModel.from_state_dict(sd)
+    g = torch.Generator().manual_seed(1)
+    weights, key_map = {}, {}
+    for i, m in enumerate(model.modules):
+        ws = m.weight_shape()
+        if i == 0:  # a fused weight: this module is the middle third of it
+            weights["diffusion_model.fused.weight"] = torch.randn(3 * ws[0], *ws[1:], generator=g)
+            key_map[m.name] = ("diffusion_model.fused.weight", (0, ws[0], ws[0]))
+        else:
+            weights[f"diffusion_model.w{i}.weight"] = torch.randn(*ws, generator=g)
+            key_map[m.name] = f"diffusion_model.w{i}.weight"
+    lora_mod = types.ModuleType("comfy.lora")
+    lora_mod.model_lora_keys_unet = lambda model, km: {**km, **key_map}
+    lora_mod.model_lora_keys_clip = lambda model, km: km
+    monkeypatch.setitem(sys.modules, "comfy.lora", lora_mod)
+    sys.modules["comfy"].lora = lora_mod
+    fp = sys.modules["folder_paths"]
+    monkeypatch.setattr(fp, "get_user_directory", lambda: str(comfy_env[1]["root"]), raising=False)
+
+    class Inner:
+        def state_dict(self):
+            return weights
+
+    patcher = types.SimpleNamespace(model=Inner())
+    base = mod.base_from_comfy(patcher, None)
+    first = model.modules[0]
+    ws = first.weight_shape()
+    assert torch.equal(base.weight(first), weights["diffusion_model.fused.weight"][ws[0]:2 * ws[0]])
+    n = base.norms(model.modules[1])
+    assert n["fro"] == pytest.approx(float(weights["diffusion_model.w1.weight"].norm()), rel=1e-5)
+    cls = importlib.import_module(pack.__name__ + ".nodes").NODE_CLASS_MAPPINGS["PruneRank"]
+    res = cls().prune(sd, method="recipe", value=0, recipe="fro_ckpt=1,thr=-3", model=patcher)
+    view = json.loads(res["ui"]["lens_prune"][0])
+    assert len(view["modules"]) == 6
+    assert os.path.isdir(os.path.join(str(comfy_env[1]["root"]), "lora_lens", "norms"))
