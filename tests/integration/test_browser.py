@@ -26,7 +26,7 @@ import time
 import pytest
 
 from integration.conftest import COMFYUI_DIR, PACK_NAME, ROOT, errors_of
-from integration.test_workflows_comfy import free_cache, prepare
+from integration.test_workflows_comfy import FAST_OVERRIDES, free_cache, fresh_outputs, prepare
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
@@ -264,6 +264,7 @@ def test_workflow_in_browser(ui_path, comfy_server, browser_page, shots_dir):
     ui = json.load(open(ui_path))
     api = json.load(open(os.path.join(WF_DIR, "api", name + ".json")))
     prepare(comfy_server, api)
+    fresh_outputs(comfy_server, api)
     free_cache(comfy_server)   # a workflow shown before must really run again, not come from the cache
     console.phase = name
 
@@ -272,6 +273,9 @@ def test_workflow_in_browser(ui_path, comfy_server, browser_page, shots_dir):
     missing = page.evaluate("() => window.app.graph.nodes.filter(n => !LiteGraph.registered_node_types[n.type])"
                             ".map(n => n.type)")
     assert not missing, f"{name}: the frontend could not build nodes {missing}"
+    if not os.environ.get("LENS_FULL_SIZE"):   # same sampling-size shrink as the API suite, through the widgets
+        page.evaluate("""(ov) => { for (const n of window.app.graph.nodes) for (const [k, v] of Object.entries(ov[n.type] || {})) {
+                           const w = (n.widgets || []).find((w) => w.name === k); if (w) w.value = v; } }""", FAST_OVERRIDES)
     page.evaluate(INSTRUMENT_JS, pack_types)
     page.evaluate("() => window.app.extensionManager.command.execute('Comfy.Canvas.FitView')")
 

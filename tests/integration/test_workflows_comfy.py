@@ -101,6 +101,33 @@ def temp_dir(server) -> str:
     return os.path.join(server.base, "temp", "temp")
 
 
+# The examples sample at 512×512 with 20 steps, which takes many minutes per image on a CPU with a full-size SD 1.5
+# UNet; the suites shrink only these sampling sizes (LENS_FULL_SIZE=1 runs them as shipped).
+FAST_OVERRIDES = {"EmptyLatentImage": {"width": 64, "height": 64}, "KSampler": {"steps": 2}}
+
+
+def fast(prompt: dict) -> dict:
+    if os.environ.get("LENS_FULL_SIZE"):
+        return prompt
+    out = json.loads(json.dumps(prompt))
+    for node in out.values():
+        for inp, value in FAST_OVERRIDES.get(node["class_type"], {}).items():
+            if inp in node["inputs"] and not isinstance(node["inputs"][inp], list):
+                node["inputs"][inp] = value
+    return out
+
+
+def fresh_outputs(server, prompt: dict):
+    """Remove what an earlier run of this workflow wrote where it refuses to overwrite (PackLoRADB's
+    <name>.loradb with overwrite off), so a workflow can be run again on the same server."""
+    for node in prompt.values():
+        if node["class_type"] == "PackLoRADB" and not node["inputs"].get("overwrite"):
+            path = os.path.join(server.base, "loradb", f"{node['inputs'].get('name')}.loradb")
+            if os.path.exists(path):
+                os.unlink(path)
+                LORADB_MEMBERS.pop(path, None)
+
+
 def free_cache(server):
     """Drop ComfyUI's node cache so the next prompt really executes (and unload models)."""
     import urllib.request
@@ -257,11 +284,12 @@ def _node_pack_loradb(server, prompt, nid, entry, made, new_files):
         got = {bytes(col.extract_bytes(e)) for e in col.entries}
     for path in sources:
         assert open(path, "rb").read() in got, f"{os.path.basename(path)} does not come back bit-exact"
+    LORADB_MEMBERS[dbs[0]] = sources   # a later workflow extracting from it is checked against these
 
 
 def _node_extract_loradb(server, prompt, nid, entry, made, new_files):
     """Entries extracted from a collection packed here (losslessly) and saved are the packed LoRAs' tensors."""
-    members = LORADB_MEMBERS.get(made.get(prompt[nid]["inputs"].get("loradb")))
+    members = LORADB_MEMBERS.get(os.path.join(server.base, "loradb", str(prompt[nid]["inputs"].get("loradb"))))
     saved = _saved_files(server, new_files)
     if not members or not saved:
         return
@@ -279,7 +307,30 @@ NODE_CHECKS = {   # run for every node of the type, in any workflow
 }
 
 
+def _check_batch_folder(server, prompt, entry, made, new_files):
+    """The batch example as meant: `lora-lens queue` sends it once per LoRA of a folder to this server; every
+    LoRA gets a pruned file and the summary lists them."""
+    folder = os.path.join(server.loras, "batch_example")
+    for i in range(3):
+        make_lora_file(os.path.join(folder, f"batch_{i}.safetensors"), 900 + i)
+    wf = os.path.join(server.base, "batch_workflow.json")
+    with open(wf, "w") as f:
+        json.dump(prompt, f)
+    summary = os.path.join(server.base, "batch_summary.json")
+    r = subprocess.run([sys.executable, "-m", "lens_ops", "queue", "--server", server.url, "--workflow", wf,
+                        "--over", folder, "--names-relative-to", server.loras, "--summary", summary],
+                       cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    data = json.load(open(summary))
+    assert data["succeeded"] == 3, data
+    for job in data["jobs"]:
+        assert job["output_files"], job
+        for rel in job["output_files"]:
+            assert os.path.isfile(os.path.join(server.output, rel)), rel
+
+
 EXTRA_CHECKS = {
+    "08_batch_optimise_folder": _check_batch_folder,
     "01_load_inspect_save": _check_load_inspect_save,
     "05_ultra_compress": _check_ultra_compress,
 }
@@ -370,8 +421,9 @@ def test_example_workflow_runs(path, comfy_server):
     info = comfy_server.object_info()
     from lens_ops.workflow import check_prompt
     assert check_prompt(prompt, info) == [], f"{name} does not fit this server's /object_info"
+    fresh_outputs(comfy_server, prompt)
     free_cache(comfy_server)
-    entry, new_files, secs = run_workflow(comfy_server, prompt)
+    entry, new_files, secs = run_workflow(comfy_server, fast(prompt))
     TIMINGS[name] = secs
     assert entry["status"]["status_str"] == "success", f"{name}: {errors_of(entry)}"
     check_outputs(comfy_server, prompt, entry, info, new_files)
