@@ -300,3 +300,21 @@ def test_real_sdxl_layout_all_modules_error_matches_report():
         got = new.delta(torch.float64) if new is not None else torch.zeros_like(ref)
         assert abs(rel_err(got, ref) - by[m.name]["rel_error"]) < 1e-4
         assert by[m.name]["energy_kept"] >= 0.95 - 1e-9
+
+
+@pytest.mark.parametrize("layout", ["flux_kohya", "flux_diffusers_peft", "flux_aitoolkit_peft", "flux_kohya_te1",
+                                    "sd15_kohya_locon", "sdxl_lycoris_locon", "flux_diffusers_peft_ext"])
+def test_every_layout_prunes_with_reported_error(layout):
+    sd = make_lora(layout, rank=8, seed=21, max_modules=10, dtype=torch.float32)
+    model = LoRAModel.from_state_dict(sd)
+    out, rep = prune_model(model, "energy=0.9")
+    assert model.convention == out.convention
+    assert set(out.state_dict()) <= set(sd)
+    by = {e["name"]: e for e in rep["modules"]}
+    for m in model.modules:
+        if m.kind.name != "lora":
+            continue
+        new = out.get(m.name)
+        ref = m.delta(torch.float64)
+        got = new.delta(torch.float64) if new is not None else torch.zeros_like(ref)
+        assert abs(rel_err(got, ref) - by[m.name]["rel_error"]) < 1e-4
