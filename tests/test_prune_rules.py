@@ -84,8 +84,8 @@ def ranks(out):
 
 @pytest.mark.parametrize("rule,values,ref", [
     ("energy", [0.5, 0.9, 0.99, 0.999], ref_energy),
-    ("sv_ratio", [2, 5, 10, 100, 1000], ref_sv_ratio),
-    ("sv_fro", [0.5, 0.9, 0.97, 0.999], ref_sv_fro),
+    ("sv_ratio", [0.5, 2, 5, 10, 100, 1000], ref_sv_ratio),
+    ("sv_fro", [0.5, 0.9, 0.97, 0.999, 1.2], ref_sv_fro),
     ("sv_cumulative", [0.3, 0.6, 0.8, 0.95], ref_sv_cumulative),
 ])
 def test_rules_give_the_rank_of_their_definition(rule, values, ref):
@@ -271,8 +271,8 @@ def test_ckpt_score_without_base_is_refused():
         prune_model(crafted_model(), "spn_ckpt=1,thr=-1")
 
 
-@pytest.mark.parametrize("bad", ["", "foo=1", "energy=2", "energy=0", "rank=0", "rank=2.5", "sv_ratio=0.5",
-                                 "sv_fro=1.5", "sv_cumulative=-1", "spn_lora=1", "thr=-1", "spn_lora=1,thr=-1,size=5",
+@pytest.mark.parametrize("bad", ["", "foo=1", "energy=2", "energy=0", "rank=0", "rank=2.5", "sv_ratio=0",
+                                 "sv_fro=-0.5", "sv_cumulative=-1", "spn_lora=1", "thr=-1", "spn_lora=1,thr=-1,size=5",
                                  "spn_lora=x,thr=1", "size=-3,spn_lora", "energy=0.9,,rank=3", "rank=4,rank=5",
                                  "lyco=maybe", "dtype=int4", "rescale=0", "spn_lora=0,thr=-1", "energy", "budget=0"])
 def test_bad_recipes_rejected_with_allowed_list(bad):

@@ -32,7 +32,7 @@ OTHER = ("thr", "size", "rescale", "budget", "lyco", "dtype")
 DTYPES = {"keep": None, "fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32,
           "float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
-ALLOWED = ("energy=E (0<E≤1), rank=N, sv_ratio=T (T≥1), sv_fro=T (0<T≤1), sv_cumulative=T (0<T≤1), "
+ALLOWED = ("energy=E (0<E≤1), rank=N, sv_ratio=T (e.g. 10), sv_fro=T (e.g. 0.99), sv_cumulative=T (e.g. 0.9), "
            "or resize_lora scores spn_lora, fro_lora, spn_ckpt, fro_ckpt, subspace, params (each =weight) "
            "with thr=LOG10 or size=MiB and optional rescale=F; also budget=MiB, lyco=keep|convert, "
            "dtype=keep|fp16|bf16|fp32; terms joined by ',' and several recipes by ':' "
@@ -148,13 +148,9 @@ def parse_recipe(text: str) -> Recipe:
             if v != int(v) or v < 1:
                 raise _bad(text, f"rank={value} must be a whole number ≥ 1")
             r.rules[key] = int(v)
-        elif key == "sv_ratio":
-            if v < 1:
-                raise _bad(text, f"sv_ratio={value} must be ≥ 1 (σ_max / σ_min kept)")
-            r.rules[key] = v
-        elif key in ("sv_fro", "sv_cumulative"):
-            if not 0 < v <= 1:
-                raise _bad(text, f"{key}={value} must be in (0, 1]")
+        elif key in ("sv_ratio", "sv_fro", "sv_cumulative"):
+            if v <= 0:  # kohya accepts any positive target (ratio < 1 gives rank 1, fractions ≥ 1 full rank)
+                raise _bad(text, f"{key}={value} must be positive")
             r.rules[key] = v
         elif key == "thr":
             r.threshold = v
