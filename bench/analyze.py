@@ -10,7 +10,7 @@ Rows (each in a fresh process; median of --runs; peak RSS of the process):
 - dense route: ΔW = module.delta() formed densely and `torch.linalg.svdvals` on it, timed on
   --dense-per-shape module(s) of every distinct weight shape and extrapolated by the number of modules
   of that shape (a full dense run takes far too long); the same modules are timed through the
-  factored route for a per-module comparison.
+  factored route for a per-module comparison (both single-threaded, unbatched).
 """
 import argparse
 import json
@@ -47,6 +47,7 @@ DENSE = """
 import json, sys, time, collections
 sys.path.insert(0, {root!r})
 import torch
+torch.set_num_threads(1)  # per-module timings: one thread for both routes (stable on a busy machine)
 from lens_ops import LoRAModel
 from lens_ops.analysis.spectra import batched_singular_values
 m = LoRAModel.load({src!r})
@@ -106,7 +107,7 @@ def main():
     print(table(rows, ["step", "seconds", "× plain load", "peak MiB", "peak / file"]))
     print(f"\nwhole analysis vs dense spectra: {dense['dense_est'] / engine['median']:.1f}× faster "
           f"(dense extrapolated from {a.dense_per_shape} module(s) per shape over {len(dense['rows'])} shapes)")
-    print(f"spectra alone, factored vs dense on the same modules: {dense['dense_est'] / dense['fact_est']:.0f}× "
+    print(f"spectra alone, one module at a time on one thread, factored vs dense: {dense['dense_est'] / dense['fact_est']:.0f}× "
           f"({dense['fact_est']:.2f} s vs {dense['dense_est']:.1f} s, extrapolated the same way)")
     print(f"analysis vs plain load + reading every byte: {engine['median'] / touch['median']:.1f}×")
 
