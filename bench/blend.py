@@ -4,9 +4,12 @@
 2. Blend to rank 64 of two SDXL rank-64 LoRAs on a module subset: LoRA Lens svd / concat vs the dense
    SVD-merge baseline (dense ΔW₁+ΔW₂ per module, torch.linalg.svd, truncate), time and peak memory.
 3. Whole-file blends (SDXL r64 pair, FLUX r64 pair): time and working memory beyond the loaded inputs
-   (peak RSS after the blend minus peak RSS after loading; the output tensors are included).
+   (peak RSS after the blend minus peak RSS once the memory-mapped inputs are resident; the output tensors are
+   included, and shown separately).
 
-Usage: python bench/blend.py [--runs 3] [--skip-flux] [--subset REGEX]
+Usage: python bench/blend.py [--runs 3] [--steps 1,2,3] [--skip-flux] [--subset REGEX]
+On a busy shared machine set LENS_BENCH_THREADS=1 so that every measured process, baseline included, runs on one
+thread (oversubscribed OpenMP makes small LAPACK calls 10–100× slower and the numbers meaningless).
 """
 import argparse
 import json
@@ -21,9 +24,13 @@ from _common import ROOT, generated, table
 PRE = """
 import json, resource, sys, time
 sys.path.insert(0, %r)
-import torch
+import os, torch
 torch.set_grad_enabled(False)
+if os.environ.get("LENS_BENCH_THREADS"):
+    torch.set_num_threads(int(os.environ["LENS_BENCH_THREADS"]))
 def rss(): return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def touch(*models):  # loading is memory-mapped: fault the inputs in so that "extra" excludes them
+    return sum(float(t.float().sum()) for m in models for mod in m.modules for t in mod.tensors.values())
 from lens_ops import LoRAModel
 """
 
@@ -42,6 +49,7 @@ import re
 rx = re.compile({subset!r})
 a = LoRAModel.load({a!r}); b = LoRAModel.load({b!r})
 a.modules = [m for m in a.modules if rx.search(m.name)]; b.modules = [m for m in b.modules if rx.search(m.name)]
+touch(a, b)
 base = rss()
 t = time.perf_counter()
 {body}
@@ -67,6 +75,7 @@ for ma, mb in zip(a.modules, b.modules):
 WHOLE = """
 a = LoRAModel.load({a!r}); b = LoRAModel.load({b!r})
 inputs = (a.nbytes + b.nbytes) / 2**20
+touch(a, b)
 base = rss()
 from lens_ops.blend import blend
 t = time.perf_counter()
