@@ -2,7 +2,7 @@
 rotated vs both vs auto) on generated SDXL r32 / FLUX r64 layouts, file size, and time against a plain
 safetensors load+save of an SDXL rank-128 file.
 
-Usage: python bench/quantize.py [--quality] [--time] [--runs 3] [--time-rank 128]
+Usage: python bench/quantize.py [--quality] [--time] [--runs 3] [--time-rank 128] [--time-methods naive,auto]
 Quality runs in this process (deterministic). Timings run each step in a fresh process (median of --runs).
 """
 import argparse
@@ -65,20 +65,33 @@ def quality(layouts):
                        "file / fp16", "seconds", "chosen per module"]))
 
 
-def timing(rank, runs):
+def timing(rank, runs, methods):
+    """Baseline and quantize runs interleaved (plain, q1, q2, plain, q1, q2, …) so load drift on a shared
+    machine hits every step alike; each run is a fresh process."""
     src = generated("sdxl_kohya", rank)
     dst = src + ".bench.safetensors"
     size = os.path.getsize(src) / 2**20
-    plain = run_timed(PLAIN.format(src=src, dst=dst), runs)
-    rows = [["plain safetensors load+save (baseline)", f"{plain['median']:.2f}", "1.00", f"{plain['peak_mib']:.0f}"]]
-    for meth in ["naive", "rebalance+rotate", "auto"]:
-        r = run_timed(QUANT.format(src=src, dst=dst, method=meth), runs)
-        label = f"quantize --method {meth}" + (" (default)" if meth == "auto" else "")
-        rows.append([label, f"{r['median']:.2f}", f"{r['median'] / plain['median']:.2f}", f"{r['peak_mib']:.0f}"])
-        print(" | ".join(rows[-1]), flush=True)
+    steps = [("plain safetensors load+save (baseline)", PLAIN.format(src=src, dst=dst))]
+    for meth in methods:
+        steps.append((f"quantize --method {meth}" + (" (default)" if meth == "auto" else ""),
+                      QUANT.format(src=src, dst=dst, method=meth)))
+    times = {label: [] for label, _ in steps}
+    peaks = {label: 0.0 for label, _ in steps}
+    for i in range(runs):
+        for label, code in steps:
+            r = run_timed(code, 1)
+            times[label].append(r["median"])
+            peaks[label] = max(peaks[label], r["peak_mib"])
+            print(f"run {i + 1}: {label}: {r['median']:.2f} s", flush=True)
     os.unlink(dst)
-    print(f"\nsdxl_kohya rank {rank}: {size:.0f} MiB fp16, median of {runs} fresh-process runs")
-    print(table(rows, ["step", "seconds", "× baseline", "peak MiB"]))
+    base = statistics.median(times[steps[0][0]])
+    rows = []
+    for label, _ in steps:
+        med = statistics.median(times[label])
+        rows.append([label, f"{med:.2f}", f"{med / base:.2f}", f"{peaks[label]:.0f}",
+                     " ".join(f"{t:.1f}" for t in times[label])])
+    print(f"\nsdxl_kohya rank {rank}: {size:.0f} MiB fp16, median of {runs} interleaved fresh-process runs")
+    print(table(rows, ["step", "seconds", "× baseline", "peak MiB", "all runs (s)"]))
 
 
 def main():
@@ -87,12 +100,13 @@ def main():
     ap.add_argument("--time", action="store_true")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--time-rank", type=int, default=128)
+    ap.add_argument("--time-methods", default="naive,auto", help="comma-separated methods to time")
     a = ap.parse_args()
     both = not (a.quality or a.time)
     if a.quality or both:
         quality([("sdxl_kohya", 32), ("flux_kohya", 64)])
     if a.time or both:
-        timing(a.time_rank, a.runs)
+        timing(a.time_rank, a.runs, a.time_methods.split(","))
 
 
 if __name__ == "__main__":
