@@ -2,6 +2,7 @@
 blend LoRAs so that the result at strength 1 equals loading each input at its weight."""
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
@@ -21,7 +22,8 @@ def add_arguments(p):
                    help="two or more LoRA files, each optionally with :weight (default 1; negative allowed)")
     p.add_argument("--method", default="concat", choices=list(METHODS),
                    help="concat (exact, rank r1+r2), svd (optimal truncation), pca/randomized, ties, dare")
-    p.add_argument("--rank", type=int, default=0, help="target rank (0 = exact / keep every non-zero direction)")
+    p.add_argument("--rank", type=_rank, default=0,
+                   help="target rank, or 0 / 'exact' to keep every non-zero direction (concat is always exact)")
     p.add_argument("-o", "--output", required=True, help="output .safetensors (never one of the inputs)")
     p.add_argument("--include", help="only blend modules matching these names/regexes (comma separated or @FILE)")
     p.add_argument("--exclude", help="leave out modules matching these names/regexes (comma separated or @FILE, "
@@ -34,6 +36,18 @@ def add_arguments(p):
     p.add_argument("--seed", type=int, default=0, help="random seed for DARE and pca (default 0)")
     p.add_argument("--allow-disjoint", action="store_true", help="allow LoRAs that share no layer")
     p.add_argument("--json", action="store_true", help="print the blend report as JSON")
+
+
+def _rank(text: str) -> int:
+    if str(text).lower() == "exact":
+        return 0
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a rank (a whole number, or 'exact')") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError("the rank must be 0/exact or positive")
+    return value
 
 
 def parse_input(spec: str) -> tuple[str, float]:
