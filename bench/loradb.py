@@ -96,12 +96,16 @@ STACKS = [("lossless (byte-grouped zstd + dedup)", {}),
           ("prune + int8 + shared basis auto", {"recipe": RECIPE, "int8": True, "shared_basis": "auto"})]
 
 
-def bench_collections(tmp, count, max_modules):
+def bench_collections(tmp, count, max_modules, kinds=None, stacks=None):
     cols = collections(tmp, count, max_modules)
     rows = []
     for kind, files in cols.items():
+        if kinds and kind not in kinds:
+            continue
         orig = sum(os.path.getsize(f) for f in files)
-        for label, opts in STACKS:
+        for si, (label, opts) in enumerate(STACKS):
+            if stacks and si not in stacks:
+                continue
             db = os.path.join(tmp, f"{kind}.loradb")
             t = time.perf_counter()
             rep = pack(db, files, snr_db=35.0, **opts)
@@ -185,6 +189,8 @@ def main():
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--zipnn-python", default=None)
     ap.add_argument("--skip", default="", help="comma list of parts to skip: peers,collections,extract")
+    ap.add_argument("--kinds", default="", help="collections to run (variants,series,unrelated; default all)")
+    ap.add_argument("--stacks", default="", help="indices of STACKS to run (e.g. 0,4; default all)")
     a = ap.parse_args()
     skip = set(filter(None, a.skip.split(",")))
     tmp = tempfile.mkdtemp(prefix="lens-bench-loradb-")
@@ -195,7 +201,8 @@ def main():
             print(table(rows, ["step", "seconds", "× baseline", "target"]), flush=True)
         cols = None
         if "collections" not in skip:
-            rows, cols = bench_collections(tmp, a.count, a.max_modules)
+            rows, cols = bench_collections(tmp, a.count, a.max_modules, set(filter(None, a.kinds.split(","))),
+                                           {int(x) for x in a.stacks.split(",") if x})
             print(f"\n## Collections of {a.count} SDXL rank-32 LoRAs"
                   + (f" (first {a.max_modules} modules)" if a.max_modules else ""))
             print(table(rows, ["collection", "layers", "originals MiB", ".loradb MiB", "reduction", "worst ΔW SNR dB",
