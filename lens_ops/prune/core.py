@@ -252,6 +252,8 @@ class PruneSession:
             entries.append(module_entry(m, new, d, idx, rescale, note, self.base is not None))
         self._done += len(self.model.modules)
         out = LoRAModel(new_modules, self.model.metadata, self.model.source)
+        if threshold is not None and not math.isfinite(threshold):
+            threshold = None  # size= larger than the whole file: every direction stays
         report = {"recipe": recipe.text, "settings": recipe.settings(), "threshold": threshold,
                   "modules": entries}
         report["total"] = totals(entries, self.model, out)
