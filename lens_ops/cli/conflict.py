@@ -73,9 +73,11 @@ def second_lora(ctx):
     path = ctx.path("second_sdxl.safetensors")
     if os.path.exists(path):
         return path
+    from ..conflict.metrics import small_maths
     sample = LoRAModel.load(ctx.sample)
     rank = max((m.rank() or 0) for m in sample.modules) or 16
-    other = make_lora("sdxl_kohya", rank=rank, seed=4321)
+    with small_maths("cpu", busy_only=True):
+        other = make_lora("sdxl_kohya", rank=rank, seed=4321)
     gen = torch.Generator().manual_seed(7)
     # make a third of the modules lean on the sample's directions (some along, some against)
     for i, m in enumerate(sample.modules):
