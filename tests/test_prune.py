@@ -318,3 +318,20 @@ def test_every_layout_prunes_with_reported_error(layout):
         ref = m.delta(torch.float64)
         got = new.delta(torch.float64) if new is not None else torch.zeros_like(ref)
         assert abs(rel_err(got, ref) - by[m.name]["rel_error"]) < 1e-4
+
+
+def test_factored_svd_transforms_against_dense():
+    from lens_ops.lowrank import factored_svd_transforms
+    g = gen(30)
+    for n, m, r in [(80, 60, 8), (300, 40, 16)]:
+        b, a = (x.double() for x in pair(n, m, r, g, eff=3))
+        p, s, qt, ok = factored_svd_transforms(b, a, 0.7)
+        assert ok
+        ref = 0.7 * b @ a
+        sv = torch.linalg.svdvals(ref)[:r]
+        assert torch.allclose(s, sv, rtol=1e-9, atol=1e-12 * float(sv[0]))
+        u, vh = b @ p, qt @ a
+        assert rel_err((u * s) @ vh, ref) < 1e-10
+        assert torch.allclose(u.T @ u, torch.eye(r, dtype=torch.float64), atol=1e-8)
+    b, a = pair(6, 40, 8, g)
+    assert factored_svd_transforms(b, a) is None  # rank above min(n, m): use factored_svd
