@@ -3,8 +3,7 @@
 Shared basis (per module name, over every entry that has that module with the same shape): with each
 LoRA's exact factored SVD ΔWᵢ = Uᵢ Sᵢ Vᵢᵀ (lens_ops.lowrank), the group's column basis U is the top-k left
 singular space of [U₁S₁ … U_NS_N] and the row basis V likewise from [V₁S₁ …]; each LoRA keeps a small core
-Cᵢ = U⁺ ΔWᵢ V⁺ᵀ (k×k, rank ≤ rᵢ), stored as two factors Lᵢ (k×r′) and Rᵢ (r′×k) (fp16, or int8 with
-per-column scales when int8 is asked for). Extraction computes
+Cᵢ = U⁺ ΔWᵢ V⁺ᵀ (k×k, rank ≤ rᵢ), stored as two fp16 factors Lᵢ (k×r′) and Rᵢ (r′×k). Extraction computes
 upᵢ = U·Lᵢ and downᵢ = Rᵢ·Vᵀ (float64, rounded to the entry's dtype): a standard LoRA again. U and V are
 stored once (fp16, or int8 with one scale per column when int8 is asked for). k is the smallest value at
 which every LoRA of the group keeps its module ΔW SNR ≥ the budget *after* all rounding (measured
@@ -121,8 +120,9 @@ def _try_k(ms, lowr, U_all, V_all, k, int8, budget_ratio, refs=None):
         cu, cs, cvh = torch.linalg.svd(core)
         rr = min(r, k)
         scale_new = (m.alpha / rr) if m.alpha is not None else 1.0
-        L = _quant_cols(cu[:, :rr] * cs[:rr].sqrt() / scale_new, int8)   # (stored, per-column scale|None)
-        R = _quant_cols(cs[:rr].sqrt()[:, None] * cvh[:rr], int8)
+        # cores stay fp16 (int8 cores cost more error than the bytes they save: measured)
+        L = _quant_cols(cu[:, :rr] * cs[:rr].sqrt() / scale_new, False)
+        R = _quant_cols(cs[:rr].sqrt()[:, None] * cvh[:rr], False)
         up = mm_product(Ud, operand(L[0], L[1], False), m.tensors["up"].dtype)
         down = mm_product(operand(R[0], R[1], False), Vd.T, m.tensors["down"].dtype)
         # exact error of the rounded result against the original module
@@ -216,7 +216,7 @@ def plan_shared(models: list[LoRAModel], mode: str, int8: bool, snr_db: float, d
         if plan is None:
             continue
         shared_bytes = (n + mdim) * plan["k"] * per * (0.95 if int8 else 0.85) \
-            + sum(2 * per * plan["k"] * o[4] for o in plan["outs"])
+            + sum(2 * 2 * plan["k"] * o[4] for o in plan["outs"])
         use = (mode == "on" and plan["k"] < total_r) or (mode == "auto" and shared_bytes < 0.9 * own)
         if use:
             plan.update(entries=idx, est_bytes=shared_bytes, own_bytes=own)
