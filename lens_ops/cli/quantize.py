@@ -28,6 +28,8 @@ def add_quant_options(p, prefix_help: str = "") -> None:
                    help="keep modules under --min-snr in their original precision (mixed file, still loadable)")
     p.add_argument("--dense-metrics", default="auto", choices=("auto", "on", "off"),
                    help="ΔW MAE and max error need the dense ΔW: auto computes them on small files")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch (default: torch's choice); 1 is much faster on a busy machine")
     p.add_argument("--json", action="store_true", help="print the full report (with per-module metrics) as JSON")
     p.add_argument("--report", default=None, help="also write the full JSON report to this file")
     p.add_argument("--show", type=int, default=5, help="list this many lowest-SNR modules (default 5)")
@@ -48,6 +50,14 @@ def _check_paths(args) -> None:
         raise LensError(f"Refusing to overwrite the input file {args.input}; choose another output name.")
     if not args.output.lower().endswith(".safetensors"):
         raise LensError(f"The output name {args.output!r} must end in .safetensors.")
+
+
+def set_threads(args) -> None:
+    if getattr(args, "threads", None):
+        if args.threads < 1:
+            raise LensError("--threads must be 1 or more.")
+        import torch
+        torch.set_num_threads(args.threads)
 
 
 def quantize_and_print(model, args, extra_report: dict | None = None) -> dict:
@@ -79,6 +89,7 @@ def quantize_and_print(model, args, extra_report: dict | None = None) -> dict:
 
 def run(args) -> int:
     _check_paths(args)
+    set_threads(args)
     model = LoRAModel.load(args.input)
     if args.dequantize:
         from ..quantize import dequantize_model

@@ -9,7 +9,7 @@ from ..model import LoRAModel
 from ..progress import Bar
 from ..quantize import dequantize_model
 from ..quantize.codec import is_quantized
-from .quantize import _check_paths, add_quant_options, quantize_and_print
+from .quantize import _check_paths, add_quant_options, quantize_and_print, set_threads
 
 NAME = "ultra"
 ORDER = 41
@@ -39,6 +39,7 @@ def _prune():
 
 def run(args) -> int:
     _check_paths(args)
+    set_threads(args)
     prune_model = _prune()
     if ":" in args.recipe:
         raise LensError("ultra takes one recipe (no ':'); run `lora-lens prune` for several outputs.")
