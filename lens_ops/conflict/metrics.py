@@ -157,8 +157,36 @@ def _subspace_fields(col2, row2, kb, ka, n, m) -> dict:
     }
 
 
+DENSE_EXACT_LIMIT = 1 << 18   # dense ΔW up to this many entries get a full SVD; larger ones their top subspaces
+DENSE_TOP_K = 64
+
+
+def _dense_subspaces(d: torch.Tensor):
+    """(U, S, V) of the numerically non-zero part of d: full SVD when small, else the top DENSE_TOP_K
+    directions from a randomized SVD (documented as an approximation for large dense modules)."""
+    if d.numel() <= DENSE_EXACT_LIMIT or min(d.shape) <= DENSE_TOP_K:
+        u, s, vh = torch.linalg.svd(d, full_matrices=False)
+        v = vh.T
+    else:
+        g = torch.random.fork_rng(devices=[]) if d.device.type == "cpu" else None
+        with g if g is not None else _null():
+            torch.manual_seed(0)
+            u, s, v = torch.svd_lowrank(d, q=DENSE_TOP_K, niter=3)
+    k = int((s > REL_TOL * s[0]).sum()) if s.numel() and s[0] > 0 else 0
+    return u[:, :k], s[:k], v[:, :k]
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
 def dense_metrics(d1: torch.Tensor, d2: torch.Tensor) -> dict:
-    """The same metrics from two dense ΔW (LoHa, LoKr, diffs; float64)."""
+    """The same metrics from two dense ΔW (LoHa, LoKr, diffs): norms and cosine exactly in float64; subspaces
+    from a full SVD for small modules and from the top 64 singular directions for large ones."""
     d1, d2 = d1.double().reshape(d1.shape[0], -1), d2.double().reshape(d2.shape[0], -1)
     n1, n2 = float(d1.norm()), float(d2.norm())
     inner = float((d1 * d2).sum())
@@ -166,21 +194,23 @@ def dense_metrics(d1: torch.Tensor, d2: torch.Tensor) -> dict:
         out = {"subspace_overlap": None, "column_overlap": None, "row_overlap": None,
                "energy_overlap": abs(inner) / (n1 * n2) if n1 and n2 else 0.0}
     else:
-        u1, s1, v1 = torch.linalg.svd(d1, full_matrices=False)
-        u2, s2, v2 = torch.linalg.svd(d2, full_matrices=False)
-        k1 = int((s1 > REL_TOL * s1[0]).sum()) if s1.numel() and s1[0] > 0 else 0
-        k2 = int((s2 > REL_TOL * s2[0]).sum()) if s2.numel() and s2[0] > 0 else 0
-        u1, v1, u2, v2 = u1[:, :k1], v1[:k1].T, u2[:, :k2], v2[:k2].T
+        exact = d1.numel() <= DENSE_EXACT_LIMIT or min(d1.shape) <= DENSE_TOP_K
+        work = torch.float64 if exact else torch.float32
+        u1, _, v1 = _dense_subspaces(d1.to(work))
+        u2, _, v2 = _dense_subspaces(d2.to(work))
+        k1, k2 = u1.shape[1], u2.shape[1]
         col = (u1.T @ u2).pow(2).sum() if k1 and k2 else d1.new_zeros(())
         row = (v1.T @ v2).pow(2).sum() if k1 and k2 else d1.new_zeros(())
         out = _subspace_fields(col, row, (k1, k2), (k1, k2), d1.shape[0], d1.shape[1])
         if k1 and k2 and n1 and n2:
-            e12 = float((u2.T @ d1 @ v2).pow(2).sum()) / (n1 * n1)
-            e21 = float((u1.T @ d2 @ v1).pow(2).sum()) / (n2 * n2)
+            e12 = float((u2.T @ d1.to(work) @ v2).double().pow(2).sum()) / (n1 * n1)
+            e21 = float((u1.T @ d2.to(work) @ v1).double().pow(2).sum()) / (n2 * n2)
             out["energy_overlap"] = math.sqrt(min(e12, 1.0) * min(e21, 1.0))
             out["energy_a_in_b"], out["energy_b_in_a"] = e12, e21
         else:
             out["energy_overlap"] = 0.0
+        if not exact:
+            out["subspaces"] = f"top {DENSE_TOP_K} directions (randomized SVD)"
     out["method"] = "dense"
     return _finish(out, n1, n2, inner)
 
