@@ -45,6 +45,11 @@ def test_load_save_through_prompt(comfy_server):
         assert f.metadata()["ss_output_name"] == "x" and "lora_lens.provenance" in f.metadata()
     choices = comfy_server.object_info("LoraLoader")["LoraLoader"]["input"]["required"]["lora_name"][0]
     assert files[0] in choices
+    # copy_to_loras writes into ComfyUI's first loras folder (its own models/loras): leave nothing behind
+    from integration.conftest import COMFYUI_DIR
+    copy = os.path.join(COMFYUI_DIR, "models", "loras", files[0])
+    if os.path.exists(copy):
+        os.unlink(copy)
 
 
 def test_bad_prompt_input_reads_as_sentence(comfy_server):
