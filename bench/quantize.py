@@ -3,6 +3,7 @@ rotated vs both vs auto) on generated SDXL r32 / FLUX r64 layouts, file size, an
 safetensors load+save of an SDXL rank-128 file.
 
 Usage: python bench/quantize.py [--quality] [--time] [--runs 3] [--time-rank 128] [--time-methods naive,auto]
+       [--slice N] [--threads N]
 Quality runs in this process (deterministic). Timings run each step in a fresh process (median of --runs).
 """
 import argparse
@@ -25,6 +26,8 @@ save_file(sd, {dst!r}, metadata={{}})
 elapsed = time.perf_counter() - t
 """
 QUANT = """
+import torch
+if {threads}: torch.set_num_threads({threads})
 from lens_ops import LoRAModel
 from lens_ops.quantize import quantize_model
 t = time.perf_counter()
@@ -65,16 +68,35 @@ def quality(layouts):
                        "file / fp16", "seconds", "chosen per module"]))
 
 
-def timing(rank, runs, methods):
+def sliced(src: str, n: int) -> str:
+    """The first n UNet modules of a generated file, as their own file (whole-file runs can be too slow on
+    an overloaded machine)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    dst = src.replace(".safetensors", f"_unet{n}.safetensors")
+    if os.path.exists(dst):
+        return dst
+    base = lambda k: k.rsplit(".", 2)[0] if k.endswith(".weight") else k.rsplit(".", 1)[0]
+    with safe_open(src, "pt") as f:
+        keys = list(f.keys())
+        mods = list(dict.fromkeys(base(k) for k in keys if k.startswith("lora_unet_")))[:n]
+        keep = set(mods)
+        save_file({k: f.get_tensor(k) for k in keys if base(k) in keep}, dst)
+    return dst
+
+
+def timing(rank, runs, methods, slice_modules=0, threads=0):
     """Baseline and quantize runs interleaved (plain, q1, q2, plain, q1, q2, …) so load drift on a shared
     machine hits every step alike; each run is a fresh process."""
     src = generated("sdxl_kohya", rank)
+    if slice_modules:
+        src = sliced(src, slice_modules)
     dst = src + ".bench.safetensors"
     size = os.path.getsize(src) / 2**20
     steps = [("plain safetensors load+save (baseline)", PLAIN.format(src=src, dst=dst))]
     for meth in methods:
         steps.append((f"quantize --method {meth}" + (" (default)" if meth == "auto" else ""),
-                      QUANT.format(src=src, dst=dst, method=meth)))
+                      QUANT.format(src=src, dst=dst, method=meth, threads=threads)))
     times = {label: [] for label, _ in steps}
     peaks = {label: 0.0 for label, _ in steps}
     for i in range(runs):
@@ -90,7 +112,9 @@ def timing(rank, runs, methods):
         med = statistics.median(times[label])
         rows.append([label, f"{med:.2f}", f"{med / base:.2f}", f"{peaks[label]:.0f}",
                      " ".join(f"{t:.1f}" for t in times[label])])
-    print(f"\nsdxl_kohya rank {rank}: {size:.0f} MiB fp16, median of {runs} interleaved fresh-process runs")
+    what = f"first {slice_modules} UNet modules of " if slice_modules else ""
+    print(f"\n{what}sdxl_kohya rank {rank}: {size:.0f} MiB fp16, median of {runs} interleaved fresh-process runs"
+          + (f", quantize with {threads} thread(s)" if threads else ""))
     print(table(rows, ["step", "seconds", "× baseline", "peak MiB", "all runs (s)"]))
 
 
@@ -101,12 +125,14 @@ def main():
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--time-rank", type=int, default=128)
     ap.add_argument("--time-methods", default="naive,auto", help="comma-separated methods to time")
+    ap.add_argument("--slice", type=int, default=0, help="time only the first N UNet modules of the file")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads for the quantize runs (0: default)")
     a = ap.parse_args()
     both = not (a.quality or a.time)
     if a.quality or both:
         quality([("sdxl_kohya", 32), ("flux_kohya", 64)])
     if a.time or both:
-        timing(a.time_rank, a.runs, a.time_methods.split(","))
+        timing(a.time_rank, a.runs, a.time_methods.split(","), a.slice, a.threads)
 
 
 if __name__ == "__main__":
