@@ -178,6 +178,10 @@ def check_outputs(server, prompt: dict, entry: dict, info: dict, new_files: set)
                     root = server.output if img.get("type") == "output" else temp_dir(server)
                     path = os.path.join(root, img.get("subfolder", ""), img["filename"])
                     assert os.path.isfile(path) and os.path.getsize(path) > 0, f"image {path} missing"
+                    import numpy as np
+                    from PIL import Image
+                    pixels = np.asarray(Image.open(path).convert("RGB"), dtype=np.float64)
+                    assert pixels.std() > 0, f"image {path} is one flat colour (NaN/inf upstream?)"
             if key == "lora_files":   # SaveLoRAFile: the file exists, the engine reads it, provenance recorded
                 from lens_ops import LoRAModel
                 for item in value:
@@ -423,7 +427,10 @@ def test_example_workflow_runs(path, comfy_server):
     assert check_prompt(prompt, info) == [], f"{name} does not fit this server's /object_info"
     fresh_outputs(comfy_server, prompt)
     free_cache(comfy_server)
+    off = os.path.getsize(comfy_server.log_path)
     entry, new_files, secs = run_workflow(comfy_server, fast(prompt))
+    unloaded = [l for l in _log_since(comfy_server, off).splitlines() if "lora key not loaded" in l]
+    assert not unloaded, f"{name}: a LoRA did not fully apply to the model: {unloaded[:5]}"
     TIMINGS[name] = secs
     assert entry["status"]["status_str"] == "success", f"{name}: {errors_of(entry)}"
     check_outputs(comfy_server, prompt, entry, info, new_files)
