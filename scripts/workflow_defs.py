@@ -9,7 +9,7 @@ import sys
 import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CORE_SNAPSHOT = os.path.join(ROOT, "example_workflows", "core_nodes.json")
+CORE_SNAPSHOT = os.path.join(ROOT, "scripts", "core_nodes.json")
 
 
 def _pack():

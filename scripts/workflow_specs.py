@@ -12,7 +12,7 @@ WORKFLOWS = [
         "notes": [("## Load, inspect, save\nPick a LoRA in **Load LoRA File**: the node shows what it is "
                    "(architecture, format, precision, rank, trigger words). **Save LoRA File** writes it to the "
                    "output folder with its metadata and a provenance entry; tick *copy_to_loras* to list it in "
-                   "LoraLoader at once.", (40, 320), (560, 160))],
+                   "LoraLoader at once.", (800, 120), (480, 200))],
     },
     {
         "name": "05_ultra_compress",
@@ -29,16 +29,16 @@ WORKFLOWS = [
                    "use (here: keep 99 % of every module's ΔW energy). **Quantize LoRA to int8** stores the pruned "
                    "factors as int8 with the scales folded into alpha, so stock LoraLoader applies it exactly; its "
                    "report gives the ΔW SNR (aim for 40 dB or more). Same as `lora-lens ultra IN -o OUT --recipe "
-                   "energy=0.99`.", (40, 360), (620, 180))],
+                   "energy=0.99`.", (1540, 120), (520, 220))],
     },
     {
         "name": "02_first_optimisation",
         "nodes": [
             {"id": 1, "type": "LoadLoRAFile", "pos": (40, 120), "widgets": {"lora_name": "example.safetensors"}},
-            {"id": 2, "type": "AnalyzeLoRA", "pos": (420, 40), "size": (520, 420), "links": {"lora": (1, "lora")}},
-            {"id": 3, "type": "PruneRank", "pos": (420, 520), "links": {"lora": (1, "lora")},
+            {"id": 2, "type": "AnalyzeLoRA", "pos": (40, 560), "size": (1100, 760), "links": {"lora": (1, "lora")}},
+            {"id": 3, "type": "PruneRank", "pos": (420, 120), "links": {"lora": (1, "lora")},
              "widgets": {"method": "energy", "value": 0.99}},
-            {"id": 4, "type": "SaveLoRAFile", "pos": (820, 520), "links": {"lora": (3, "lora")},
+            {"id": 4, "type": "SaveLoRAFile", "pos": (820, 120), "links": {"lora": (3, "lora")},
              "widgets": {"filename_prefix": "loras/LoRA-Lens-pruned", "copy_to_loras": False}},
         ],
         "notes": [("## First optimisation: analyse, prune, save\n**AnalyzeLoRA** shows the nominal and the "
@@ -46,7 +46,7 @@ WORKFLOWS = [
                    "file would have at the rank it really uses. **PruneRank** (energy 0.99) keeps 99 % of every "
                    "module's ΔW energy with an exact factored SVD and rescales alpha, so the result is as strong as "
                    "the original; its report lists old→new rank, bytes saved and the ΔW error per module. "
-                   "**Save LoRA File** writes it next to your outputs.", (40, 300), (360, 260))],
+                   "**Save LoRA File** writes it next to your outputs.", (1200, 120), (420, 300))],
     },
     {
         "name": "03_analysis_dashboard",
@@ -61,7 +61,7 @@ WORKFLOWS = [
                    "the similarity heatmap and a 3-D map of the modules (drag to rotate, wheel to zoom). "
                    "*llm_text* is the whole report as text: wire it into any LLM node and ask \"is it "
                    "over-trained?\". The heatmap image (blocks × spectrum) goes to PreviewImage or SaveImage.",
-                   (40, 320), (360, 260))],
+                   (40, 560), (360, 300))],
     },
     {
         "name": "04_compatibility_check",
@@ -86,7 +86,7 @@ WORKFLOWS = [
              "widgets": {"seed": 42, "steps": 20, "cfg": 7.0, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}},
             {"id": 11, "type": "VAEDecode", "pos": (2360, 60), "links": {"samples": (10, 0), "vae": (5, "VAE")}},
             {"id": 12, "type": "PreviewImage", "pos": (2360, 200), "size": (400, 400), "links": {"images": (11, 0)}},
-            {"id": 13, "type": "PreviewImage", "pos": (420, 520), "size": (400, 300), "links": {"images": (3, "conflict_map")}},
+            {"id": 13, "type": "PreviewImage", "pos": (420, 980), "size": (400, 300), "links": {"images": (3, "conflict_map")}},
         ],
         "notes": [("## Compatibility check of two LoRAs\n**ConflictScan** compares A and B module by module from "
                    "their factors: cosine, norm ratio, subspace overlap, stacking interference; the map shows "
@@ -123,7 +123,7 @@ WORKFLOWS = [
         "notes": [("## Extract LoRAs from a .loradb\nThe node lists the collection's contents. *entries*: `all` "
                    "or names, one per line. Each LoRA comes out as a LORA_MODEL (a list: every node after it runs "
                    "once per LoRA) and, with *write_to_loras*, as a .safetensors in your loras folder under its "
-                   "original file name. Command line: `lora-lens extract my.loradb -o DIR`.", (40, 520), (420, 200))],
+                   "original file name. Command line: `lora-lens extract my.loradb -o DIR`.", (900, 120), (440, 220))],
     },
     {
         "name": "08_batch_optimise_folder",
@@ -140,6 +140,6 @@ WORKFLOWS = [
                    "08_batch_optimise_folder.json --over ComfyUI/models/loras/mine --names-relative-to "
                    "ComfyUI/models/loras --set 2.value=0.995`\n\nor without a server: `lora-lens batch --workflow "
                    "... --over FOLDER -o OUT`. Both write a summary (status, output files, report per LoRA).",
-                   (40, 320), (720, 240))],
+                   (1160, 120), (720, 260))],
     },
 ]
