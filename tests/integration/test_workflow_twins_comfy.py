@@ -16,7 +16,6 @@ UI_FILES = sorted(glob.glob(os.path.join(ROOT, "example_workflows", "*.json")))
 def test_twin_matches_real_object_info(path, comfy_server):
     info = comfy_server.object_info()
     ui = json.load(open(path))
-    for node in ui["nodes"]:
     real = ui_to_api(ui, info)
     twin = json.load(open(os.path.join(ROOT, "example_workflows", "api", os.path.basename(path))))
     strip = lambda p: {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in p.items()}
