@@ -2,25 +2,16 @@
 classes, without ComfyUI) plus a stored snapshot of the few core ComfyUI nodes the examples use."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import sys
 import tempfile
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from lens_ops.cli.batch import load_pack  # noqa: E402  (the one place that imports the pack by path)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CORE_SNAPSHOT = os.path.join(ROOT, "scripts", "core_nodes.json")
-
-
-def _pack():
-    name = "lora_lens_pack"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "__init__.py"),
-                                                      submodule_search_locations=[ROOT])
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
-        spec.loader.exec_module(mod)
-    return sys.modules[name]
 
 
 def _plain(value):
@@ -30,8 +21,7 @@ def _plain(value):
 
 def pack_object_info(lora_names=("example.safetensors",)) -> dict:
     """/object_info entries of the pack's nodes, with a loras folder holding `lora_names`."""
-    pack = _pack()
-    runtime = importlib.import_module("lora_lens_pack.nodes._runtime")
+    pack, runtime = load_pack()
     tmp = tempfile.mkdtemp(prefix="lens-defs-")
     loras = os.path.join(tmp, "loras")
     os.makedirs(os.path.join(tmp, "loradb"), exist_ok=True)
