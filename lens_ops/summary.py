@@ -23,7 +23,7 @@ def summarize(model: LoRAModel, file_size: int | None = None) -> dict:
     kinds = Counter(m.kind.describe(m) for m in model.modules)
     comps = Counter(m.component for m in model.modules)
     ranks = Counter(r for m in model.modules if (r := m.rank()) is not None)
-    alphas = Counter(round(a, 4) for m in model.modules if (a := m.alpha) is not None)
+    alphas = Counter(float(f"{a:.4g}") for m in model.modules if (a := m.alpha) is not None)  # int8 alphas are tiny
     nonfinite = {m.name: n for m in model.modules if (n := m.nonfinite())}
     dead = [m.name for m in model.modules if m.kind is not UNKNOWN and m.is_zero()]
     unknown = [m.name for m in model.modules if m.kind is UNKNOWN]

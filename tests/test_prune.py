@@ -335,3 +335,21 @@ def test_factored_svd_transforms_against_dense():
         assert torch.allclose(u.T @ u, torch.eye(r, dtype=torch.float64), atol=1e-8)
     b, a = pair(6, 40, 8, g)
     assert factored_svd_transforms(b, a) is None  # rank above min(n, m): use factored_svd
+
+
+def test_prune_accepts_int8_input_with_exact_delta():
+    """QuantizeInt8 output (int8 factors, scales folded into alpha) prunes from its exact dequantized ΔW."""
+    from lens_ops import LoRAModel
+    from lens_ops.prune import prune_model
+    from lens_ops.quantize import quantize_model
+    from lens_ops.synth import make_lora
+    src = LoRAModel.from_state_dict(make_lora("sd15_kohya", rank=8, seed=3, max_modules=6))
+    q = quantize_model(src)
+    q = q[0] if isinstance(q, tuple) else q
+    out, rep = prune_model(q, "energy=0.999")
+    for mq, mo in zip(q.modules, out.modules):
+        ref = mq.delta(torch.float64)
+        got = mo.delta(torch.float64)
+        assert got.shape == ref.shape
+        assert float((got - ref).norm() / ref.norm()) < 0.05   # only the dropped 0.1 % energy (≈3 %) is lost
+        assert mo.tensors["up"].is_floating_point()

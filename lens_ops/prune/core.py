@@ -8,7 +8,7 @@ from typing import Callable
 import torch
 
 from ..errors import LensError
-from ..model import LoRAModel
+from ..model import LoRAModel, ensure_model
 from ..kinds import UNKNOWN
 from .decompose import Decomp, decompose
 from .module import converted_module, dora_axis_output, pruned_tensors, recomputed_dora
@@ -294,8 +294,26 @@ def _metadata(src: LoRAModel, out: LoRAModel, recipe: Recipe, report: dict) -> d
     return meta
 
 
+QUANTIZED = (torch.int8, torch.uint8, torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+def float_factors(model: LoRAModel) -> LoRAModel:
+    """int8/fp8 modules (QuantizeInt8 output, scales folded into alpha) as exact float32 factors, so the
+    pruner decomposes the true ΔW; every other module is left untouched (bit-identical)."""
+    quant = [m for m in model.modules if any(r != "alpha" and t.dtype in QUANTIZED for r, t in m.tensors.items())]
+    if not quant:
+        return model
+    from ..quantize import dequantize_model  # lazy: quantize builds on the engine core
+    floats, _ = dequantize_model(LoRAModel(quant, model.metadata, model.source), "fp32")
+    return model.replace_modules({m.name: m for m in floats.modules})
+
+
 def prune_many(model: LoRAModel, recipes, device="cpu", progress=None, base=None):
-    """Several recipes from ONE decomposition: [(LoRAModel, report), ...] in recipe order."""
+    """Several recipes from ONE decomposition: [(LoRAModel, report), ...] in recipe order.
+
+    int8/fp8 input is accepted: those modules are decomposed from their exact dequantized values and
+    written as float (fp32 unless the recipe's dtype= says otherwise); re-quantize to shrink them again."""
+    model = float_factors(ensure_model(model) if not isinstance(model, LoRAModel) else model)
     if isinstance(recipes, str):
         recipes = parse_recipes(recipes)
     recipes = [parse_recipe(r) if isinstance(r, str) else r for r in recipes]
