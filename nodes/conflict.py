@@ -2,21 +2,10 @@
 from __future__ import annotations
 
 import json
-import math
 
-from ..lens_ops.conflict import format_report, problem_list, render, scan, view_data
+from ..lens_ops.conflict import format_report, json_safe, problem_list, render, scan, view_data
 from ..lens_ops.conflict.scan import PROBLEM_THRESHOLD
 from .common import CATEGORY, LORA, as_model, progress, torch_device
-
-
-def _clean(x):
-    if isinstance(x, float):
-        return x if math.isfinite(x) else None
-    if isinstance(x, dict):
-        return {k: _clean(v) for k, v in x.items()}
-    if isinstance(x, list):
-        return [_clean(v) for v in x]
-    return x
 
 
 class ConflictScan:
@@ -66,8 +55,8 @@ class ConflictScan:
         image = torch.from_numpy(render(report)).unsqueeze(0)
         problems = problem_list(report)
         ratio = report["recommended_ratio"]
-        text = json.dumps(_clean(report))
-        return {"ui": {"text": [summary], "lens_conflict": [_clean(view_data(report))]},
+        text = json.dumps(json_safe(report))
+        return {"ui": {"text": [summary], "lens_conflict": [json_safe(view_data(report))]},
                 "result": (text, summary, image, problems, float(ratio["a"]), float(ratio["b"]))}
 
 

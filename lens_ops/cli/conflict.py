@@ -4,11 +4,10 @@ prediction and the problem modules to exclude when blending."""
 from __future__ import annotations
 
 import json
-import math
 
 import torch
 
-from ..conflict import format_report, problem_list, render, scan
+from ..conflict import format_report, json_safe, problem_list, render, scan
 from ..conflict.scan import PROBLEM_THRESHOLD
 from ..errors import LensError
 from ..model import LoRAModel
@@ -32,16 +31,6 @@ def add_arguments(p):
     p.add_argument("--float64", action="store_true", help="compute the Gram products in float64 (slower)")
 
 
-def _clean(x):
-    if isinstance(x, float):
-        return x if math.isfinite(x) else None
-    if isinstance(x, dict):
-        return {k: _clean(v) for k, v in x.items()}
-    if isinstance(x, list):
-        return [_clean(v) for v in x]
-    return x
-
-
 def run(args) -> int:
     a = LoRAModel.load(args.a)
     b = LoRAModel.load(args.b)
@@ -59,7 +48,7 @@ def run(args) -> int:
         import numpy as np
         Image.fromarray((render(report) * 255).astype(np.uint8)).save(args.map)
     if args.json:
-        print(json.dumps(_clean(report), indent=1))
+        print(json.dumps(json_safe(report), indent=1))
     else:
         print(format_report(report))
     return 0

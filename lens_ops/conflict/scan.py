@@ -246,3 +246,14 @@ def _ranks(rs):
 
 def _f(x):
     return "n/a" if x is None else f"{x:.3f}"
+
+
+def json_safe(x):
+    """The report with non-finite floats as null (JSON has no NaN/Inf), for the CLI and the node alike."""
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {k: json_safe(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [json_safe(v) for v in x]
+    return x
