@@ -171,6 +171,116 @@ def atomic_save(tensors: dict[str, torch.Tensor], path: str, metadata: dict | No
     return target
 
 
+def _header_bytes(entries: dict, metadata: dict | None) -> bytes:
+    header: dict = {}
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    header.update(entries)
+    return json.dumps(header, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
+class StreamWriter:
+    """Write a safetensors file one tensor at a time, keeping none of them in memory.
+
+    Big jobs (prune, blend, quantize of a multi-GB LoRA) produce their output module by module; holding
+    the whole result until `save` would double the peak memory. Tensors go straight to a temporary file
+    next to the target. The header (which safetensors wants first) is written at `close`: into a space
+    reserved up front (`header_reserve` bytes, padded with the spaces the format allows) when it fits,
+    otherwise by copying the payload behind it in the kernel (`os.copy_file_range`, no user memory).
+    `close` renames the result into place; `abort` (or an exception inside `with`) leaves nothing behind.
+    """
+
+    def __init__(self, path: str, forbid: tuple[str, ...] = (), header_reserve: int = 0):
+        self.target = os.path.abspath(path)
+        for p in forbid:
+            if p and os.path.exists(p) and os.path.exists(self.target) and os.path.samefile(p, self.target):
+                raise LensError(f"Refusing to overwrite the input file {p}; choose another output name.")
+        folder = os.path.dirname(self.target) or "."
+        os.makedirs(folder, exist_ok=True)
+        fd, self._tmp = tempfile.mkstemp(prefix=".lens-", suffix=".tmp", dir=folder)
+        self._f = os.fdopen(fd, "wb")
+        self._reserve = max(0, int(header_reserve)) + (-max(0, int(header_reserve)) % 8)
+        self._f.write(b"\0" * (8 + self._reserve))
+        self._entries: dict = {}
+        self._offset = 0
+        self.closed = False
+
+    def add(self, key: str, tensor: torch.Tensor) -> None:
+        if key in self._entries:
+            raise LensError(f"Tensor {key!r} was written twice.")
+        if tensor.dtype not in TORCH_TO_ST:
+            raise LensError(f"Tensor {key!r} has dtype {tensor.dtype}, which safetensors cannot store.")
+        n = tensor.numel() * tensor.element_size()
+        self._entries[key] = {"dtype": TORCH_TO_ST[tensor.dtype], "shape": list(tensor.shape),
+                              "data_offsets": [self._offset, self._offset + n]}
+        if n:
+            self._f.write(tensor.detach().reshape(-1).contiguous().cpu().view(torch.uint8).numpy().data)
+        self._offset += n
+
+    def keys(self):
+        return list(self._entries)
+
+    def close(self, metadata: dict | None = None) -> str:
+        """Write the header and move the file into place; returns the target path."""
+        try:
+            raw = _header_bytes(self._entries, {str(k): str(v) for k, v in (metadata or {}).items()} or None)
+            if len(raw) <= self._reserve:
+                raw += b" " * (self._reserve - len(raw))
+                self._f.seek(0)
+                self._f.write(len(raw).to_bytes(8, "little") + raw)
+                self._f.close()
+                os.replace(self._tmp, self.target)
+            else:
+                self._f.close()
+                self._relocate(raw)
+            self.closed = True
+            return self.target
+        except BaseException:
+            self.abort()
+            raise
+
+    def _relocate(self, raw: bytes) -> None:
+        raw += b" " * (-len(raw) % 8)
+        folder = os.path.dirname(self.target) or "."
+        fd, final = tempfile.mkstemp(prefix=".lens-", suffix=".tmp", dir=folder)
+        try:
+            with os.fdopen(fd, "wb", buffering=0) as out, open(self._tmp, "rb", buffering=0) as src:
+                out.write(len(raw).to_bytes(8, "little") + raw)
+                start, left = 8 + self._reserve, self._offset
+                src.seek(start)
+                while left > 0:
+                    try:
+                        n = os.copy_file_range(src.fileno(), out.fileno(), min(left, 1 << 30))
+                    except (AttributeError, OSError):
+                        n = out.write(src.read(min(left, 1 << 26)))
+                    if n <= 0:
+                        raise LensError("Could not finish writing the output file (disk full?).")
+                    left -= n
+            os.replace(final, self.target)
+        except BaseException:
+            if os.path.exists(final):
+                os.unlink(final)
+            raise
+        os.unlink(self._tmp)
+
+    def abort(self) -> None:
+        if not self._f.closed:
+            self._f.close()
+        if os.path.exists(self._tmp):
+            os.unlink(self._tmp)
+        self.closed = True
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None:
+            self.abort()
+        elif not self.closed:
+            self.close()
+        return False
+
+
 def safe_join(root: str, relative: str) -> str:
     """Join a user-given relative name under `root`, refusing anything that escapes it."""
     root_abs = os.path.realpath(root)
