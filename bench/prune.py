@@ -33,15 +33,14 @@ elapsed = time.perf_counter() - t
 def code_prune(path, recipe):
     return THREADS + f"""
 from lens_ops import LoRAModel
-from lens_ops.prune import prune_model
+from lens_ops.prune import prune_many
 import os
 out = {path!r} + ".pruned.safetensors"
 if os.path.exists(out):
     os.unlink(out)
 t = time.perf_counter()
-m = LoRAModel.load({path!r})
-o, rep = prune_model(m, {recipe!r})
-o.save(out)
+m = LoRAModel.load({path!r}, mapped=True)   # what `lora-lens prune` does: mapped input, streamed output
+(o, rep), = prune_many(m, {recipe!r}, outputs=[out])
 elapsed = time.perf_counter() - t
 print("SAVED", os.path.getsize(out), rep["total"]["rel_error"], file=sys.stderr)
 """

@@ -76,34 +76,39 @@ def core_transforms(gb: torch.Tensor, ga: torch.Tensor, scale=1.0, max_cond: flo
                     svd_dtype: torch.dtype = torch.float64):
     """Batched second half of `factored_svd_transforms` from float64 Gram matrices [..., r, r].
 
-    `scale` is a float or a tensor broadcastable to [...]. `svd_dtype` float32 runs the r×r SVD in single
-    precision (right when the Grams came from float32 factors: its errors, ~1e-7·σ_max, are those the
-    Grams already carry, at a quarter of the cost). Returns (P, S, Qt, ok) where `ok` [...] marks
-    the entries this route decomposed accurately (the others must be redone with `factored_svd`).
+    With a·aᵀ = L·Lᵀ (Cholesky), a = L·Q_Aᵀ with Q_A orthonormal, so ΔW = scale·b@a = (scale·b·L)·Q_Aᵀ and
+    ΔWᵀΔW's nonzero spectrum is that of the r×r matrix M = scale²·Lᵀ(bᵀb)L = V·Λ·Vᵀ: σ = √Λ,
+    Vh = Vᵀ·L⁻¹·a, U = scale·b·L·V·Σ⁻¹. One Cholesky and one symmetric eigensolver per module (about a
+    third of the cost of the r×r SVD); only a's Gram is inverted, so b may be rank-deficient.
+
+    `scale` is a float or a tensor broadcastable to [...]. `svd_dtype` float32 runs the eigensolver in
+    single precision: right when the Grams came from float32 factors, whose rounding (~1e-7·σ_max² on σ²)
+    is of the same size. Returns (P, S, Qt, ok) where `ok` [...] marks the entries this route decomposed
+    accurately (the others must be redone with `factored_svd`); columns of P for σ = 0 are zero.
     """
     single = gb.ndim == 2
     if single:
         gb, ga = gb.unsqueeze(0), ga.unsqueeze(0)
-    lb, info_b = torch.linalg.cholesky_ex(gb)
     la, info_a = torch.linalg.cholesky_ex(ga)
-    ok = (info_b == 0) & (info_a == 0)
-    db, da = lb.diagonal(dim1=-2, dim2=-1), la.diagonal(dim1=-2, dim2=-1)
-    for d in (db, da):
-        ok &= (d.amin(-1) > d.amax(-1) / max_cond) & torch.isfinite(d).all(-1)
+    ok = (info_a == 0) & torch.isfinite(gb).all(-1).all(-1)
+    da = la.diagonal(dim1=-2, dim2=-1)
+    ok &= (da.amin(-1) > da.amax(-1) / max_cond) & torch.isfinite(da).all(-1)
     eye = torch.eye(gb.shape[-1], dtype=gb.dtype, device=gb.device)
-    # failed entries get the identity so the batched solves below stay finite; they are flagged by `ok`
-    lb = torch.where(ok[..., None, None], lb, eye)
+    # failed entries get the identity so the batched steps below stay finite; they are flagged by `ok`
     la = torch.where(ok[..., None, None], la, eye)
+    gb = torch.where(ok[..., None, None], gb, eye)
     s_t = torch.as_tensor(scale, dtype=gb.dtype, device=gb.device)
     if s_t.ndim:
         s_t = s_t.reshape(-1, 1, 1)
-    rb, ra = lb.transpose(-2, -1), la.transpose(-2, -1)  # upper-triangular R factors
-    core = s_t * (rb @ ra.transpose(-2, -1))
-    top = core.abs().amax(dim=(-2, -1), keepdim=True).clamp_min(1e-300)
-    uc, s, vhc = torch.linalg.svd((core / top).to(svd_dtype), full_matrices=False)
-    s = s.double() * top[..., 0]
-    p = torch.linalg.solve_triangular(rb, uc.double(), upper=True)                       # R_B⁻¹·Uc
-    qt = torch.linalg.solve_triangular(ra, vhc.double().transpose(-2, -1), upper=True).transpose(-2, -1)  # Vcᵀ·R_A⁻ᵀ
+    m = la.transpose(-2, -1) @ gb @ la
+    m = 0.5 * (m + m.transpose(-2, -1))
+    top = m.diagonal(dim1=-2, dim2=-1).amax(-1).clamp_min(1e-300)[..., None, None]
+    lam, v = torch.linalg.eigh((m / top).to(svd_dtype))
+    lam, v = lam.flip(-1).double().clamp_min(0) * top[..., 0], v.flip(-1).double()
+    s = (s_t.abs()[..., 0] if s_t.ndim else s_t.abs()) * lam.sqrt()
+    inv = torch.where(s > 0, 1.0 / s.clamp_min(1e-300), torch.zeros_like(s))
+    p = s_t * (la @ v) * inv.unsqueeze(-2)                                                # scale·L·V·Σ⁻¹
+    qt = torch.linalg.solve_triangular(la.transpose(-2, -1), v, upper=True).transpose(-2, -1)  # Vᵀ·L⁻¹
     if single:
         return p[0], s[0], qt[0], bool(ok[0])
     return p, s, qt, ok

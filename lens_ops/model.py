@@ -22,7 +22,7 @@ from .arch import Architecture, detect
 from .errors import LensError
 from .keys import CLONEOFSIMO, block_of, convention_of, name_components
 from .kinds import UNKNOWN, ModuleKind, classify, split_key
-from .st_io import atomic_save, load_file
+from .st_io import MappedFile, atomic_save, load_file
 
 PROVENANCE_KEY = "lora_lens.provenance"
 CHECKPOINT_PREFIXES = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.", "conditioner.",
@@ -178,9 +178,26 @@ class LoRAModel:
         return cls(modules, metadata, source)
 
     @classmethod
-    def load(cls, path: str, device="cpu", progress: Callable[[int, int], None] | None = None) -> "LoRAModel":
+    def load(cls, path: str, device="cpu", progress: Callable[[int, int], None] | None = None,
+             mapped: bool = False) -> "LoRAModel":
+        """Read a LoRA file. `mapped` (CPU only): tensors are zero-copy views of a private memory map, for
+        one streamed pass over a big file (see `release`); nothing is copied until it is used."""
+        if mapped and torch.device(device).type == "cpu":
+            mf = MappedFile(path)
+            tensors = mf.tensors()
+            if progress is not None:
+                progress(len(tensors), len(tensors))
+            model = cls.from_state_dict(tensors, mf.metadata, source=os.path.abspath(path))
+            model._mapping = mf
+            return model
         tensors, metadata = load_file(path, device=device, progress=progress)
         return cls.from_state_dict(tensors, metadata, source=os.path.abspath(path))
+
+    def release(self, module: "LoRAModule") -> None:
+        """For a `mapped` model: the module's input pages are no longer needed resident (re-read on use)."""
+        mf = getattr(self, "_mapping", None)
+        if mf is not None:
+            mf.release(module.tensors.values())
 
     # ---------------------------------------------------------------- views
     def state_dict(self) -> LoraStateDict:

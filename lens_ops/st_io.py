@@ -8,7 +8,9 @@ renamed into place, so a failure never leaves a half-written file and never touc
 """
 from __future__ import annotations
 
+import ctypes
 import json
+import mmap
 import os
 import tempfile
 from typing import Callable
@@ -117,10 +119,72 @@ def load_file(path: str, keys: list[str] | None = None, device: str | torch.devi
     return tensors, metadata
 
 
+class MappedFile:
+    """A validated safetensors file mapped into memory: tensors are zero-copy views, pages come on touch.
+
+    For one pass over a multi-GB LoRA (prune, quantize) copying the whole file first costs time and
+    doubles the memory. The mapping is private (copy-on-write), so a tensor written to in place never
+    reaches the file. `release(tensors)` hands the pages behind tensors that are done with back to the
+    kernel (they stay in the page cache; touching them again re-reads them), so the resident memory of
+    a streamed job stays near one module's worth instead of the whole file.
+    """
+
+    def __init__(self, path: str):
+        self.path = path
+        self.entries, self.metadata, self.data_start = read_header(path)
+        with open(path, "rb") as f:
+            self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        self._anchor = ctypes.c_char.from_buffer(self._mm)  # keeps the buffer exported while views live
+        self._base = ctypes.addressof(self._anchor)
+        self.size = len(self._mm)
+
+    def tensor(self, key: str) -> torch.Tensor:
+        e = self.entries[key]
+        dtype = ST_TO_TORCH.get(e["dtype"])
+        if dtype is None:
+            raise LensError(f"{os.path.basename(self.path)}: tensor {key!r} has dtype {e['dtype']}, which "
+                            "this torch cannot represent.")
+        a, b = e["data_offsets"]
+        shape = tuple(e["shape"])
+        if b == a:
+            return torch.empty(shape, dtype=dtype)
+        start = self.data_start + a
+        raw = torch.frombuffer(self._mm, dtype=torch.uint8, count=b - a, offset=start)
+        if start % raw.new_empty((), dtype=dtype).element_size():
+            raw = raw.clone()  # misaligned for its dtype: an aligned copy
+        return raw.view(dtype).reshape(shape)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {k: self.tensor(k) for k in self.entries}
+
+    def release(self, tensors) -> None:
+        """Give back the resident pages under these tensors (views of this mapping; others are ignored)."""
+        page = mmap.PAGESIZE
+        for t in tensors:
+            if not isinstance(t, torch.Tensor) or t.device.type != "cpu" or not t.numel():
+                continue
+            start = t.data_ptr() - self._base
+            end = start + t.numel() * t.element_size()
+            if start < 0 or end > self.size:
+                continue
+            lo = start - start % page
+            hi = min(self.size, end + (-end % page))
+            try:
+                self._mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+            except (AttributeError, OSError, ValueError):
+                return  # no madvise here: pages are simply kept
+
+
+ST_TO_TORCH = {}
+
+
 TORCH_TO_ST = {torch.bool: "BOOL", torch.uint8: "U8", torch.int8: "I8", torch.float8_e4m3fn: "F8_E4M3",
                torch.float8_e5m2: "F8_E5M2", torch.int16: "I16", torch.float16: "F16", torch.bfloat16: "BF16",
                torch.int32: "I32", torch.float32: "F32", torch.int64: "I64", torch.float64: "F64",
                torch.uint16: "U16", torch.uint32: "U32", torch.uint64: "U64"}
+
+
+ST_TO_TORCH.update({v: k for k, v in TORCH_TO_ST.items()})
 
 
 def save_file(tensors: dict[str, torch.Tensor], path: str, metadata: dict | None = None) -> None:
@@ -220,11 +284,15 @@ class StreamWriter:
     def keys(self):
         return list(self._entries)
 
-    def close(self, metadata: dict | None = None) -> str:
-        """Write the header and move the file into place; returns the target path."""
+    def close(self, metadata: dict | None = None, max_padding: int | None = None) -> str:
+        """Write the header and move the file into place; returns the target path.
+
+        `max_padding`: at most this many spaces of unused reserve may stay in the file (beyond it the
+        payload is moved up instead, so a caller promising a size limit can keep it)."""
         try:
             raw = _header_bytes(self._entries, {str(k): str(v) for k, v in (metadata or {}).items()} or None)
-            if len(raw) <= self._reserve:
+            pad = self._reserve - len(raw)
+            if pad >= 0 and (max_padding is None or pad <= max_padding):
                 raw += b" " * (self._reserve - len(raw))
                 self._f.seek(0)
                 self._f.write(len(raw).to_bytes(8, "little") + raw)

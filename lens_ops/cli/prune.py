@@ -80,11 +80,11 @@ def run(args) -> int:
     for i, (src, outs) in enumerate(zip(args.inputs, paths)):
         t0 = time.perf_counter()
         try:
-            model = LoRAModel.load(src)
+            model = LoRAModel.load(src, device=args.device, mapped=True)
             bar = None if batch else Bar(f"prune {os.path.basename(src)}")
-            results = prune_many(model, recipes, args.device, bar, base)
-            for (out_model, report), out in zip(results, outs):
-                path = out_model.save(out)
+            results = prune_many(model, recipes, args.device, bar, base, outputs=outs)
+            for (_, report), out in zip(results, outs):
+                path = report["output"]
                 report["output"] = path
                 report["input"] = os.path.abspath(src)
                 report["file_bytes_in"] = os.path.getsize(src)

@@ -8,7 +8,8 @@ from typing import Callable
 import torch
 
 from ..errors import LensError
-from ..model import LoRAModel, ensure_model
+from ..model import LoRAModel, LoRAModule, ensure_model
+from ..st_io import StreamWriter
 from ..kinds import UNKNOWN
 from .decompose import Decomp, decompose
 from .module import converted_module, dora_axis_output, pruned_tensors, recomputed_dora
@@ -37,6 +38,8 @@ class PruneSession:
     def __init__(self, model: LoRAModel, device="cpu", progress: Callable[[int, int], None] | None = None,
                  base=None, convert_lyco: bool = False, n_recipes: int = 1):
         self.model = model
+        # a memory-mapped input (LoRAModel.load(mapped=True)) gives pages back once a module is read
+        self._pages = model.release if getattr(model, "_mapping", None) is not None else None
         # progress over the whole run: the decomposition, then writing each module once per recipe
         n = max(1, len(model.modules))
         self._units = n * (1 + n_recipes)
@@ -48,7 +51,8 @@ class PruneSession:
                 progress(int(done * n / max(total, 1)), self._units)
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.base = base
-        self.decs: dict[str, Decomp] = decompose(model.modules, self.device, dec_progress, convert_lyco)
+        self.decs: dict[str, Decomp] = decompose(model.modules, self.device, dec_progress, convert_lyco,
+                                                 release=self._pages)
         self._done = n
         self.peft = any(k.endswith((".lora_A.weight", ".lora_A", ".lora_A.default.weight"))
                         for m in model.modules for k in m.keys.values())
@@ -76,10 +80,17 @@ class PruneSession:
                 d.base["subspace"] = ((vh @ w.transpose(0, 1)) * u.transpose(0, 1)).sum(1).double().cpu()
 
     # ------------------------------------------------------------------ one recipe
-    def run(self, recipe: Recipe | str, release: bool = False) -> tuple[LoRAModel, dict]:
+    def run(self, recipe: Recipe | str, release: bool = False, sink: StreamWriter | None = None
+            ) -> tuple[LoRAModel, dict]:
         """Prune by one recipe. `release` frees each module's decomposition once its output is built
-        (for the last recipe of a run: keeps peak memory at input + output)."""
+        (for the last recipe of a run: keeps peak memory at input + output).
+
+        With a `sink` (an open StreamWriter) each module's output tensors go to disk as soon as they are
+        built and the returned model holds only their shapes (meta tensors) and alphas; the sink is
+        closed with the output metadata (or, when pruning saves nothing, replaced by the input itself),
+        and report["output"] is the written path."""
         self._release = release
+        self._sink = sink
         if isinstance(recipe, str):
             recipe = parse_recipe(recipe)
         if recipe.lyco == "convert" and any(m.kind.name in ("loha", "lokr") and m.name not in self.decs
@@ -157,7 +168,12 @@ class PruneSession:
                 mask = torch.zeros_like(cand[name])
                 mask[idx[:counts[name]]] = True
                 cand[name] = mask
-        return self._build(recipe, elig, cand, notes, threshold)
+        try:
+            return self._build(recipe, elig, cand, notes, threshold)
+        except BaseException:
+            if sink is not None:
+                sink.abort()
+            raise
 
     def _fixed_bytes(self, elig, recipe) -> int:
         """Bytes of the output that do not depend on which dimensions are kept."""
@@ -172,12 +188,34 @@ class PruneSession:
                 n += m.nbytes
         return n
 
+    def _emitter(self, new_modules: list):
+        """append(module) for the output: kept in memory, or written to the sink and kept as shapes only."""
+        sink = self._sink
+        inputs = {id(m) for m in self.model.modules}
+        self._identical = 0
+
+        def emit(module):
+            self._identical += id(module) in inputs
+            if sink is None:
+                new_modules.append(module)
+                return
+            for role, key in module.keys.items():
+                sink.add(key, module.tensors[role])
+            light = {r: (t if r == "alpha" or t.numel() <= 16 else torch.empty_like(t, device="meta"))
+                     for r, t in module.tensors.items()}
+            new_modules.append(LoRAModule(module.name, dict(module.keys), light, module.kind, module.component))
+        return emit
+
     def _build(self, recipe: Recipe, elig, cand, notes, threshold):
         new_modules = []
+        emit = self._emitter(new_modules)
+        pages = self._pages
         entries = []
         rescale = recipe.rescale
         prev = None
         for i, m in enumerate(self.model.modules):
+            if pages is not None and i:
+                pages(self.model.modules[i - 1])  # its output is built (and written, with a sink)
             if self._progress is not None and (i % 16 == 0 or i == len(self.model.modules) - 1):
                 self._progress(min(self._done + i + 1, self._units), self._units)  # an interrupt point in ComfyUI
             if prev is not None:
@@ -200,7 +238,7 @@ class PruneSession:
                             "loha": "LoHa: left as it is (lyco=convert turns it into a LoRA)",
                             "lokr": "LoKr: left as it is (lyco=convert turns it into a LoRA)",
                             }.get(m.kind.name, f"{m.kind.describe(m)}: carried through")
-                new_modules.append(kept)
+                emit(kept)
                 entries.append(module_entry(m, kept, None, None, rescale, note, self.base is not None))
                 continue
             mask = cand[m.name]
@@ -216,11 +254,11 @@ class PruneSession:
             if d.route == "dense":
                 new = converted_module(d, idx, rescale, recipe.dtype, self.peft)
                 if new.nbytes >= m.nbytes and rescale == 1.0:
-                    new_modules.append(m)
+                    emit(m)
                     entries.append(module_entry(m, m, None, None, rescale, f"{m.kind.label}: kept, as a LoRA it "
                                                 "would not be smaller", self.base is not None))
                     continue
-                new_modules.append(new)
+                emit(new)
                 entries.append(module_entry(m, new, d, idx, rescale, f"{m.kind.label} converted to LoRA",
                                             self.base is not None))
                 continue
@@ -228,13 +266,13 @@ class PruneSession:
             old_fact = sum(t.numel() * t.element_size() for r, t in m.tensors.items() if r in ("up", "down", "mid"))
             if all_kept or new_bytes >= old_fact:
                 if rescale == 1.0:
-                    new_modules.append(m)
+                    emit(m)
                     why = "nothing to drop" if all_kept else "a smaller rank would not make it smaller"
                     entries.append(module_entry(m, m, d, torch.arange(d.dims), rescale,
                                                 f"kept bit-identical ({why})", self.base is not None))
                 else:
                     new = m.with_tensors(m.kind.scaled(m, rescale))
-                    new_modules.append(new)
+                    emit(new)
                     entries.append(module_entry(m, new, d, torch.arange(d.dims), rescale,
                                                 f"all dimensions kept, rescaled by {rescale:g}", self.base is not None))
                 continue
@@ -248,7 +286,7 @@ class PruneSession:
                 note += "; DoRA magnitude recomputed against the base weights"
             elif m.is_dora:
                 note += "; DoRA (output-axis magnitude, normalised by the base weight: unchanged)"
-            new_modules.append(new)
+            emit(new)
             entries.append(module_entry(m, new, d, idx, rescale, note, self.base is not None))
         self._done += len(self.model.modules)
         out = LoRAModel(new_modules, self.model.metadata, self.model.source)
@@ -259,8 +297,7 @@ class PruneSession:
         report["total"] = totals(entries, self.model, out)
         meta = _metadata(self.model, out, recipe, report)
         growth = len(json.dumps(meta)) - len(json.dumps(self.model.metadata)) + 64
-        unchanged = len(new_modules) == len(self.model.modules) and all(
-            a is b for a, b in zip(new_modules, self.model.modules))
+        unchanged = len(new_modules) == len(self.model.modules) == self._identical
         if unchanged or (report["total"]["bytes_saved"] < growth and recipe.rescale == 1.0):
             # nothing (worth) changing: the output is the input itself, so it is never larger
             out = LoRAModel(list(self.model.modules), self.model.metadata, self.model.source)
@@ -272,9 +309,15 @@ class PruneSession:
             report["modules"] = entries
             report["total"] = totals(entries, self.model, out)
             report["unchanged"] = True
+            if self._sink is not None:
+                self._sink.abort()  # the input itself is the output: write it unchanged
+                report["output"] = out.save(self._sink.target)
             return out, report
         out.metadata = meta
         report["unchanged"] = False
+        if self._sink is not None:
+            # padding of the reserved header space must not eat the saving (the output is never larger)
+            report["output"] = self._sink.close(meta, max_padding=max(0, report["total"]["bytes_saved"] - growth))
         return out, report
 
 
@@ -308,8 +351,12 @@ def float_factors(model: LoRAModel) -> LoRAModel:
     return model.replace_modules({m.name: m for m in floats.modules})
 
 
-def prune_many(model: LoRAModel, recipes, device="cpu", progress=None, base=None):
+def prune_many(model: LoRAModel, recipes, device="cpu", progress=None, base=None, outputs=None):
     """Several recipes from ONE decomposition: [(LoRAModel, report), ...] in recipe order.
+
+    `outputs` (one path per recipe) streams each result to its file module by module (atomic; the
+    input is never overwritten): the returned models then hold shapes only, report["output"] the path.
+    With `LoRAModel.load(path, mapped=True)` this keeps the peak memory near one module's worth.
 
     int8/fp8 input is accepted: those modules are decomposed from their exact dequantized values and
     written as float (fp32 unless the recipe's dtype= says otherwise); re-quantize to shrink them again."""
@@ -318,8 +365,17 @@ def prune_many(model: LoRAModel, recipes, device="cpu", progress=None, base=None
         recipes = parse_recipes(recipes)
     recipes = [parse_recipe(r) if isinstance(r, str) else r for r in recipes]
     _check_base(recipes, base)
+    if outputs is not None and len(outputs) != len(recipes):
+        raise LensError(f"{len(recipes)} recipes need {len(recipes)} output paths, got {len(outputs)}.")
     session = PruneSession(model, device, progress, base, any(r.lyco == "convert" for r in recipes), len(recipes))
-    return [session.run(r, release=(i == len(recipes) - 1)) for i, r in enumerate(recipes)]
+    results = []
+    for i, r in enumerate(recipes):
+        sink = None
+        if outputs is not None:
+            reserve = _header_estimate(model, model.metadata) + 16384
+            sink = StreamWriter(outputs[i], forbid=(model.source,) if model.source else (), header_reserve=reserve)
+        results.append(session.run(r, release=(i == len(recipes) - 1), sink=sink))
+    return results
 
 
 def _check_base(recipes, base):

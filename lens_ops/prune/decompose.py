@@ -59,8 +59,11 @@ class Decomp:
 
 
 def decompose(modules: list, device="cpu", progress: Callable[[int, int], None] | None = None,
-              convert_lyco: bool = False) -> dict[str, Decomp]:
-    """Exact SVD of every LoRA module (and LoHa/LoKr when `convert_lyco`) in `modules`."""
+              convert_lyco: bool = False, release: Callable | None = None) -> dict[str, Decomp]:
+    """Exact SVD of every LoRA module (and LoHa/LoKr when `convert_lyco`) in `modules`.
+
+    `release(module)` is called once a module's factors have been read (a memory-mapped input gives
+    its pages back)."""
     device = torch.device(device)
     todo = [m for m in modules if m.kind.name == "lora"]
     lyco = [m for m in modules if convert_lyco and m.kind.name in ("loha", "lokr") and not m.is_dora]
@@ -117,6 +120,9 @@ def decompose(modules: list, device="cpu", progress: Callable[[int, int], None] 
                     out[m.name] = Decomp(m, "explicit", *shapes[i], r, scales[i], s.cpu(),
                                          U=u.to(dt), Vh=vh.to(dt))
             done += len(chunk)
+            if release is not None:
+                for m in chunk:
+                    release(m)
             if progress is not None:
                 progress(done, total)
     for m in lyco:
