@@ -1,6 +1,7 @@
 """`lora-lens prune` command line and the PruneRank node (without ComfyUI, via the comfy_env stand-ins)."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -181,3 +182,46 @@ def test_node_base_from_comfy_maps_keys_like_comfy_lora(comfy_env, monkeypatch):
     view = json.loads(res["ui"]["lens_prune"][0])
     assert len(view["modules"]) == 6
     assert os.path.isdir(os.path.join(str(comfy_env[1]["root"]), "lora_lens", "norms"))
+
+
+@pytest.mark.parametrize("recipe", ["energy=0.95", "rank=4:sv_fro=0.9", "rank=64"])
+def test_streamed_mapped_output_equals_in_memory_result(tmp_path, recipe):
+    """What `lora-lens prune` writes (mapped input, output streamed module by module, input pages released)
+    is the same file content as the in-memory result, and the input file is untouched."""
+    from lens_ops.prune import prune_many
+    from lens_ops.st_io import read_header
+    src, _ = sample(tmp_path, layout="sdxl_kohya", rank=16, n=40)
+    before = open(src, "rb").read()
+    n = len(recipe.split(":"))
+    outs = [str(tmp_path / f"s{i}.safetensors") for i in range(n)]
+    streamed = prune_many(LoRAModel.load(src, mapped=True), recipe, outputs=outs)
+    in_memory = prune_many(LoRAModel.load(src), recipe)
+    for (light, rep), (full, rep2), out in zip(streamed, in_memory, outs):
+        assert rep["output"] == os.path.abspath(out)
+        got = LoRAModel.load(out).state_dict()
+        want = full.state_dict()
+        assert list(got) == list(want)
+        for k in want:
+            assert got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]), k
+        def untimed(meta):  # the provenance entry carries the time it was made
+            return {k: (re.sub(r'"time": "[^"]*"', "", v) if k == "lora_lens.provenance" else v) for k, v in meta.items()}
+        assert untimed(read_header(out)[1]) == untimed(full.metadata)
+        assert rep["total"]["bytes_out"] == rep2["total"]["bytes_out"]
+        if not rep["unchanged"]:
+            assert os.path.getsize(out) < os.path.getsize(src)
+        else:  # nothing worth dropping: the output is the input, byte for byte
+            assert open(out, "rb").read() == before
+    assert open(src, "rb").read() == before
+    assert not [f for f in os.listdir(tmp_path) if f.startswith(".lens-")]
+
+
+def test_streamed_prune_failure_leaves_no_file(tmp_path, monkeypatch):
+    from lens_ops.prune import core, prune_many
+    src, _ = sample(tmp_path)
+
+    def boom(*a, **k):
+        raise RuntimeError("disk on fire")
+    monkeypatch.setattr(core, "module_entry", boom)
+    with pytest.raises(RuntimeError):
+        prune_many(LoRAModel.load(src, mapped=True), "rank=4", outputs=[str(tmp_path / "o.safetensors")])
+    assert sorted(os.listdir(tmp_path)) == ["in.safetensors"]
