@@ -23,6 +23,29 @@ KOHYA_DEFAULTS = {"te1": "lora_te1_", "te2": "lora_te2_", "te3": "lora_te3_"}
 DOTTED_DEFAULTS = {"te1": "text_encoder.", "te2": "text_encoder_2.", "te3": "text_encoder_3."}
 
 
+BALANCE_RATIO = 256.0   # rank components whose up/down RMS differ more than this get rebalanced
+
+
+def balance_components(up: torch.Tensor, down: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rescale rank components whose two factors have very different magnitudes: up_j·t_j, down_j/t_j with t_j the
+    power of two nearest √(rms(down_j)/rms(up_j)), so ΔW = up@down is unchanged to the bit (before the final cast).
+
+    A scale folded into one factor can be tiny (int8 LoRAs fold their quantisation scales into alpha, e.g. 1e-7):
+    pushed into `up` it lands in fp16's subnormal range and loses most of its digits. Balanced, both factors sit
+    in the middle of the range. Components within BALANCE_RATIO of each other are left exactly as they are."""
+    if up.shape[1] == 0 or not up.is_floating_point():
+        return up, down
+    ru = up.double().pow(2).mean(0).sqrt()
+    rd = down.double().pow(2).mean(1).sqrt()
+    ok = (ru > 0) & (rd > 0) & torch.isfinite(ru) & torch.isfinite(rd)
+    ratio = torch.where(ok, rd / ru.clamp_min(1e-300), torch.ones_like(ru))
+    fix = ok & ((ratio > BALANCE_RATIO) | (ratio < 1 / BALANCE_RATIO))
+    if not bool(fix.any()):
+        return up, down
+    t = torch.where(fix, torch.exp2(torch.round(torch.log2(ratio) / 2)), torch.ones_like(ru))
+    return up * t.to(up.dtype), down / t.to(down.dtype)[:, None]
+
+
 class OutputStyle:
     """The first LoRA's naming, suffixes, alpha habit and dtype."""
 
@@ -106,6 +129,7 @@ class OutputStyle:
             corr = k / a_read            # ComfyUI's scale is a_read / k; fold its reciprocal into up
             if corr != 1.0:
                 up = up * corr
+        up, down = balance_components(up, down)
         ws = tuple(weight_shape)
         if len(ws) > 2:
             up_t = up.reshape(up.shape[0], k, *([1] * (len(ws) - 2)))
@@ -139,6 +163,31 @@ class OutputStyle:
         if bias is not None:
             tensors["diff_b"], keys["diff_b"] = self.cast(bias), name + ".diff_b"
         return LoRAModule(name, keys, tensors, BY_NAME["diff"], component)
+
+
+def shape_only(m: LoRAModule) -> LoRAModule:
+    """The module with its factor tensors replaced by shape-only (meta) tensors: names, kind, rank and sizes stay
+    readable for the report while the data is gone (alpha, a 0-dim number, is kept)."""
+    tensors = {r: (t if r == "alpha" or t.ndim == 0 else torch.empty(t.shape, dtype=t.dtype, device="meta"))
+               for r, t in m.tensors.items()}
+    return LoRAModule(m.name, dict(m.keys), tensors, m.kind, m.component)
+
+
+class StreamedModules(list):
+    """The blend's output list when it is streamed: each module goes to `write` as it is appended and only its
+    shape-only copy stays, so the working memory holds one module's tensors at a time."""
+
+    def __init__(self, write):
+        super().__init__()
+        self.write = write
+
+    def append(self, m):
+        self.write(m)
+        super().append(shape_only(m))
+
+    def extend(self, ms):
+        for m in ms:
+            self.append(m)
 
 
 def source_record(model, weight: float) -> dict:

@@ -7,7 +7,7 @@ import json
 import os
 import re
 
-from ..blend import METHODS, blend
+from ..blend import METHODS, blend, blend_to_file
 from ..errors import LensError
 from ..model import LoRAModel
 from ..progress import Bar
@@ -79,12 +79,12 @@ def run(args) -> int:
     models = [LoRAModel.load(p) for p, _ in specs]
     weights = [w for _, w in specs]
     bar = Bar(f"blending ({args.method})") if not args.json else None
-    result, report = blend(models, weights, args.method, args.rank, device=args.device,
-                           include=_text(args.include), exclude=_text(args.exclude),
-                           excluded_keep=args.excluded_keep, block_weights=args.block_weights,
-                           density=args.density, seed=args.seed, allow_disjoint=args.allow_disjoint, progress=bar)
-    result.save(args.output)
-    report["output"]["file"] = out_abs
+    # streamed: each blended module goes to the output file as soon as it is made (working memory: one module)
+    result, report = blend_to_file(models, weights, args.output, method=args.method, rank=args.rank,
+                                   device=args.device, include=_text(args.include), exclude=_text(args.exclude),
+                                   excluded_keep=args.excluded_keep, block_weights=args.block_weights,
+                                   density=args.density, seed=args.seed, allow_disjoint=args.allow_disjoint,
+                                   progress=bar)
     if args.json:
         print(json.dumps(report, indent=1))
     else:

@@ -226,3 +226,100 @@ def module_metrics(ma, mb, device="cpu", dtype=torch.float32) -> dict | None:
     if da is None or db is None:
         return None
     return dense_metrics(da, db)
+
+
+# ---------------------------------------------------------------- batched route (many modules of one shape)
+
+def _bases_batch(g: torch.Tensor):
+    """Batched `_basis`: g is K×r×r (float64). Returns (W, k) with W K×r×r (dropped directions as zero
+    columns, so products with W ignore them) and k the kept dimension per module. Same rule as `_basis`:
+    Cholesky when its diagonal is well conditioned, else an eigen-decomposition dropping directions with
+    singular value below REL_TOL of the largest."""
+    n_mod, r, _ = g.shape
+    w = torch.zeros_like(g)
+    k = torch.full((n_mod,), r, dtype=torch.long, device=g.device)
+    if r == 0 or n_mod == 0:
+        return w, k
+    l, info = torch.linalg.cholesky_ex(g)
+    d = l.diagonal(dim1=-2, dim2=-1)
+    ok = (info == 0) & torch.isfinite(d).all(-1)
+    ok &= d.min(-1).values > REL_TOL * d.max(-1).values
+    good = ok.nonzero().squeeze(1)
+    if good.numel():
+        eye = torch.eye(r, dtype=g.dtype, device=g.device).expand(good.numel(), r, r)
+        w[good] = torch.linalg.solve_triangular(l[good], eye, upper=False).transpose(-1, -2)
+    bad = (~ok).nonzero().squeeze(1)
+    if bad.numel():
+        lam, v = torch.linalg.eigh(g[bad])
+        top = lam.max(-1).values.clamp_min(0)
+        keep = (lam > (REL_TOL ** 2) * top[:, None]) & (top[:, None] > 0)
+        inv = torch.where(keep, lam.clamp_min(torch.finfo(g.dtype).tiny).rsqrt(), torch.zeros((), dtype=g.dtype,
+                                                                                               device=g.device))
+        w[bad] = v * inv[:, None, :]
+        k[bad] = keep.sum(-1)
+    return w, k
+
+
+def _sym_gram(x: torch.Tensor) -> torch.Tensor:
+    """XᵀX for a batch X (K×n×r) from three of its four r/2 blocks (the Gram is symmetric): ¾ of the work."""
+    r = x.shape[-1]
+    if r < 32:
+        return x.mT @ x
+    h = r // 2
+    top = x[..., :h].mT @ x                               # rows 0..h of the Gram
+    g = torch.empty(x.shape[0], r, r, dtype=x.dtype, device=x.device)
+    g[:, :h] = top
+    g[:, h:, :h] = top[:, :, h:].mT
+    g[:, h:, h:] = x[..., h:].mT @ x[..., h:]
+    return g
+
+
+def lowrank_metrics_batch(b1, a1, b2, a2, s1, s2) -> list[dict]:
+    """`lowrank_metrics` for K modules of one shape at once: b1 K×n×r1, a1 K×r1×m, b2 K×n×r2, a2 K×r2×m
+    (float32 or float64, on one device), s1/s2 the K scales. Gram products are one batched matmul each in the
+    factors' dtype; all r×r work (Cholesky, triangular inverses, eigen fallbacks, whitened cross Grams) is
+    batched in float64. Returns one metrics dict per module, equal to `lowrank_metrics` up to float rounding."""
+    n, m = b1.shape[1], a1.shape[2]
+    gb11, gb12, gb22 = _sym_gram(b1).double(), (b1.mT @ b2).double(), _sym_gram(b2).double()
+    ga11, ga12, ga22 = _sym_gram(a1.mT).double(), (a1 @ a2.mT).double(), _sym_gram(a2.mT).double()
+    dev = gb11.device
+    s1t = torch.tensor([float(x) for x in s1], dtype=torch.float64, device=dev)
+    s2t = torch.tensor([float(x) for x in s2], dtype=torch.float64, device=dev)
+    sq1 = (gb11 * ga11).sum((1, 2)).clamp_min(0)
+    sq2 = (gb22 * ga22).sum((1, 2)).clamp_min(0)
+    inner = s1t * s2t * (gb12 * ga12).sum((1, 2))
+    wb1, kb1 = _bases_batch(gb11)
+    wb2, kb2 = _bases_batch(gb22)
+    wa1, ka1 = _bases_batch(ga11)
+    wa2, ka2 = _bases_batch(ga22)
+    mb, ma = gb12 @ wb2, ga12 @ wa2                      # B₁ᵀQ_b2, A₁Q_a2 (r1×r2)
+    col = (wb1.mT @ mb).pow(2).sum((1, 2))               # ‖Q_b1ᵀQ_b2‖²
+    row = (wa1.mT @ ma).pow(2).sum((1, 2))
+    p12 = (mb.mT @ ma).pow(2).sum((1, 2))                # ‖Q_b2ᵀ B₁A₁ Q_a2‖²
+    p21 = ((gb12.mT @ wb1).mT @ (ga12.mT @ wa1)).pow(2).sum((1, 2))   # ‖Q_b1ᵀ B₂A₂ Q_a1‖²
+    rows = torch.stack([sq1, sq2, inner, col, row, p12, p21]).T.tolist()
+    ks = torch.stack([kb1, kb2, ka1, ka2]).T.tolist()
+    out = []
+    for (q1, q2, inn, c2, r2, e12, e21), (k_b1, k_b2, k_a1, k_a2), x1, x2 in zip(rows, ks, s1, s2):
+        n1, n2 = abs(x1) * math.sqrt(q1), abs(x2) * math.sqrt(q2)
+        res = _subspace_fields(c2, r2, (k_b1, k_b2), (k_a1, k_a2), n, m)
+        if n1 > 0 and n2 > 0 and k_b1 and k_b2 and k_a1 and k_a2:
+            e12 = min(1.0, x1 * x1 * e12 / (n1 * n1))
+            e21 = min(1.0, x2 * x2 * e21 / (n2 * n2))
+            res["energy_overlap"] = math.sqrt(e12 * e21)
+            res["energy_a_in_b"], res["energy_b_in_a"] = e12, e21
+        else:
+            res["energy_overlap"] = 0.0
+        res["method"] = "factors"
+        out.append(_finish(res, n1, n2, inn))
+    return out
+
+
+def plain_factors(module, dtype=torch.float32, device="cpu"):
+    """(B, A, scale) of a module as stored, without a float copy for plain LoRA modules (the batched route copies
+    them once, into its float buffer); other product kinds through `module.lowrank`. None when not a product."""
+    t = module.tensors
+    if module.kind.name == "lora" and "up" in t and "down" in t and "mid" not in t:
+        up, down = t["up"], t["down"]
+        return up.flatten(start_dim=1), down.flatten(start_dim=1), module.scale()
+    return module.lowrank(dtype, device)

@@ -12,7 +12,7 @@ import torch
 from ..errors import LensError
 from ..model import LoRAModel, ensure_model
 from .matching import match_modules
-from .metrics import module_metrics, small_maths
+from .metrics import lowrank_metrics_batch, module_metrics, plain_factors, small_maths
 
 PROBLEM_THRESHOLD = 0.35     # module conflict score at or above which a module is a problem
 CANCEL_THRESHOLD = -0.35     # cosine at or below which stacking cancels: a problem too
@@ -85,23 +85,71 @@ def stability(overall: float, problem_share: float, gain_full: float, gain_rec: 
     return {"prediction": label, "reason": reason}
 
 
+BATCH_BYTES = 48 << 20   # float buffer per batch of equal-shape modules
+
+
+def _all_metrics(shared, device, dtype, progress) -> list:
+    """Metrics of every shared pair, in order. Plain products are grouped by shape (n, m, r₁, r₂) and measured in
+    batches (`lowrank_metrics_batch`: one batched matmul per Gram, batched r×r work), copying each stored factor
+    once into a float buffer; other kinds go one by one through `module_metrics`."""
+    work = torch.float64 if dtype == torch.float64 else torch.float32
+    total = len(shared)
+    results: list = [None] * total
+    groups: dict = {}
+    single = []
+    for i, (_, ma, mb) in enumerate(shared):
+        fa = plain_factors(ma, work, device)
+        fb = plain_factors(mb, work, device) if fa is not None else None
+        if fa is None or fb is None or fa[0].shape[0] != fb[0].shape[0] or fa[1].shape[1] != fb[1].shape[1]:
+            single.append(i)
+            continue
+        shape = (fa[0].shape[0], fa[1].shape[1], fa[0].shape[1], fb[0].shape[1])
+        groups.setdefault(shape, []).append((i, fa, fb))
+    done = 0
+    for (n, m, r1, r2), items in groups.items():
+        per = (n + m) * (r1 + r2) * torch.finfo(work).bits // 8
+        size = max(1, min(len(items), BATCH_BYTES // max(per, 1)))
+        bufs = None
+        for start in range(0, len(items), size):
+            chunk = items[start:start + size]
+            k = len(chunk)
+            if bufs is None or bufs[0].shape[0] != k:
+                bufs = (torch.empty(k, n, r1, dtype=work, device=device), torch.empty(k, r1, m, dtype=work, device=device),
+                        torch.empty(k, n, r2, dtype=work, device=device), torch.empty(k, r2, m, dtype=work, device=device))
+            for j, (_, fa, fb) in enumerate(chunk):
+                bufs[0][j].copy_(fa[0])
+                bufs[1][j].copy_(fa[1])
+                bufs[2][j].copy_(fb[0])
+                bufs[3][j].copy_(fb[1])
+            mets = lowrank_metrics_batch(*bufs, [fa[2] for _, fa, _ in chunk], [fb[2] for _, _, fb in chunk])
+            for (i, _, _), met in zip(chunk, mets):
+                results[i] = met
+            done += k
+            if progress is not None:
+                progress(done, total)
+    for i in single:
+        _, ma, mb = shared[i]
+        results[i] = module_metrics(ma, mb, device, dtype)
+        done += 1
+        if progress is not None:
+            progress(done, total)
+    return results
+
+
 def scan(a, b, device="cpu", dtype=torch.float32, progress: Callable[[int, int], None] | None = None,
          problem_threshold: float = PROBLEM_THRESHOLD) -> dict:
     """Compare two LoRAs (LoRAModel or LORA_MODEL dicts) module by module; returns the JSON-able report."""
     a, b = ensure_model(a), ensure_model(b)
     match = match_modules(a, b, require_overlap=True)
     modules, not_compared = {}, []
-    total = len(match.shared)
     with torch.no_grad(), small_maths(device, busy_only=True):
-        for i, (key, ma, mb) in enumerate(match.shared):
-            met = module_metrics(ma, mb, device, dtype)
-            if met is None:
-                not_compared.append(ma.name)
-            else:
-                met.update({"name_b": mb.name, "block": ma.block, "component": ma.component, "key": key})
-                modules[ma.name] = met
-            if progress is not None:
-                progress(i + 1, total)
+        results = _all_metrics(match.shared, device, dtype, progress)
+    for (key, ma, mb), met in zip(match.shared, results):
+        if met is None:
+            not_compared.append(ma.name)
+        else:
+            met.update({"name_b": mb.name, "block": ma.block, "component": ma.component, "key": key})
+            modules[ma.name] = met
     if not modules:
         raise LensError("None of the shared modules has a stand-alone ΔW (OFT/GLoRA/set_weight need the base "
                         "model), so the LoRAs cannot be compared.")

@@ -77,7 +77,12 @@ class LoRAKind(ModuleKind):
             ("mid" in m.tensors and not m.tensors["mid"].any())
 
     def scaled(self, m, factor):
-        return {**m.tensors, "up": scale_tensor(m.tensors["up"], factor)}
+        up = m.tensors["up"]
+        if up.dtype in (torch.int8, torch.uint8, torch.float8_e4m3fn, torch.float8_e5m2) and not m.is_dora:
+            # quantised factors: rescaling them would leave their grid; the factor goes into alpha (float32)
+            alpha = m.alpha if m.alpha is not None else float(self.rank(m))
+            return {**m.tensors, "alpha": torch.tensor(alpha * factor, dtype=torch.float32)}
+        return {**m.tensors, "up": scale_tensor(up, factor)}
 
     def describe(self, m):
         mid = "mid" in m.tensors
