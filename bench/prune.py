@@ -46,6 +46,16 @@ print("SAVED", os.path.getsize(out), rep["total"]["rel_error"], file=sys.stderr)
 """
 
 
+def code_process(argv):
+    """Whole process, as a user runs it: interpreter start, imports, work, exit."""
+    return f"""
+import subprocess
+t = time.perf_counter()
+subprocess.run({argv!r}, check=True, capture_output=True)
+elapsed = time.perf_counter() - t
+"""
+
+
 def code_import():
     return THREADS + """
 import torch
@@ -94,6 +104,11 @@ def main():
     base = run_timed(code_loadsave(sdxl), args.runs)
     ours = run_timed(code_prune(sdxl, args.recipe), args.runs)
     imp = run_timed(code_import(), 1)
+    copy = sdxl + ".copy.safetensors"
+    base_proc = run_timed(code_process([sys.executable, "-c", "import safetensors.torch as st; "
+                                        f"st.save_file(st.load_file({sdxl!r}), {copy!r})"]), args.runs)
+    cli_proc = run_timed(code_process([sys.executable, "-m", "lens_ops", "prune", sdxl, "-o",
+                                       sdxl + ".cli.safetensors", "--recipe", args.recipe, "-q"]), args.runs)
     dense = run_timed(code_dense(sdxl, args.dense_every), 1)
     mib = size / 2 ** 20
     rows.append(["SDXL r128 fp16 (%.0f MiB)" % mib, "plain safetensors load+save", "%.2f" % base["median"], "1.00×",
@@ -105,6 +120,9 @@ def main():
     rows.append(["", f"dense SVD route (1/{args.dense_every} of modules timed, extrapolated)",
                  "%.1f" % dense["median"], "ours %.0f× faster" % (dense["median"] / ours["median"]), "–"])
     rows.append(["", "python + torch + lens_ops import only", "–", "–", "%.0f" % imp["peak_mib"]])
+    rows.append(["", "whole process: python -c 'load_file; save_file'", "%.2f" % base_proc["median"], "1.00×", "–"])
+    rows.append(["", f"whole process: lora-lens prune --recipe {args.recipe}", "%.2f" % cli_proc["median"],
+                 "%.2f× whole-process load+save" % (cli_proc["median"] / base_proc["median"]), "–"])
     if not args.skip_flux:
         flux = generated("flux_kohya", 64)
         fm = os.path.getsize(flux) / 2 ** 20

@@ -184,12 +184,14 @@ def test_node_base_from_comfy_maps_keys_like_comfy_lora(comfy_env, monkeypatch):
     assert os.path.isdir(os.path.join(str(comfy_env[1]["root"]), "lora_lens", "norms"))
 
 
-@pytest.mark.parametrize("recipe", ["energy=0.95", "rank=4:sv_fro=0.9", "rank=64"])
-def test_streamed_mapped_output_equals_in_memory_result(tmp_path, recipe):
+@pytest.mark.parametrize("recipe", ["energy=0.95", "rank=4:sv_fro=0.9", "rank=64", "spn_lora=1,thr=-1.2"])
+@pytest.mark.parametrize("window", [96, 7])
+def test_streamed_mapped_output_equals_in_memory_result(tmp_path, recipe, window, monkeypatch):
     """What `lora-lens prune` writes (mapped input, output streamed module by module, input pages released)
     is the same file content as the in-memory result, and the input file is untouched."""
-    from lens_ops.prune import prune_many
+    from lens_ops.prune import core, prune_many
     from lens_ops.st_io import read_header
+    monkeypatch.setattr(core, "STREAM_WINDOW", window)  # a single recipe runs as one windowed pass
     src, _ = sample(tmp_path, layout="sdxl_kohya", rank=16, n=40)
     before = open(src, "rb").read()
     n = len(recipe.split(":"))

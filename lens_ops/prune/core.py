@@ -17,6 +17,7 @@ from .recipe import Recipe, parse_recipe, parse_recipes
 from .report import module_entry, totals
 from .rules import budget_select, rule_rank, scores, threshold_for_size
 
+STREAM_WINDOW = 96  # consecutive modules decomposed, pruned and written together in a streamed pass
 ZERO_SV = 1e-6  # resize_lora: layers whose σ_max is below this are all zero and are left out
 
 
@@ -36,7 +37,7 @@ class PruneSession:
     """Holds one model's decomposition so several recipes cost one SVD pass."""
 
     def __init__(self, model: LoRAModel, device="cpu", progress: Callable[[int, int], None] | None = None,
-                 base=None, convert_lyco: bool = False, n_recipes: int = 1):
+                 base=None, convert_lyco: bool = False, n_recipes: int = 1, decompose_now: bool = True):
         self.model = model
         # a memory-mapped input (LoRAModel.load(mapped=True)) gives pages back once a module is read
         self._pages = model.release if getattr(model, "_mapping", None) is not None else None
@@ -51,9 +52,10 @@ class PruneSession:
                 progress(int(done * n / max(total, 1)), self._units)
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.base = base
-        self.decs: dict[str, Decomp] = decompose(model.modules, self.device, dec_progress, convert_lyco,
-                                                 release=self._pages)
-        self._done = n
+        self.decs: dict[str, Decomp] = {}
+        if decompose_now:
+            self.decs = decompose(model.modules, self.device, dec_progress, convert_lyco, release=self._pages)
+            self._done = n
         self.peft = any(k.endswith((".lora_A.weight", ".lora_A", ".lora_A.default.weight"))
                         for m in model.modules for k in m.keys.values())
         self._base_done = False
@@ -93,6 +95,42 @@ class PruneSession:
         self._sink = sink
         if isinstance(recipe, str):
             recipe = parse_recipe(recipe)
+        try:
+            elig, cand, notes, threshold = self._select(recipe, self.decs)
+            return self._build(recipe, elig, cand, notes, threshold)
+        except BaseException:
+            if sink is not None:
+                sink.abort()
+            raise
+
+    def run_streamed(self, recipe: Recipe, sink: StreamWriter, window: int | None = None) -> tuple[LoRAModel, dict]:
+        """One pass for a recipe whose choices are per module (no size=/budget=, no base model): windows
+        of consecutive modules are decomposed, pruned and written while their factors are still warm,
+        then their input pages are released. Same output and report as `run` on a full decomposition."""
+        if not streamable(recipe):
+            raise LensError(f"Recipe {recipe.text!r} needs the whole file decomposed first; use run().")
+        self._release = True
+        self._sink = sink
+        window = window or STREAM_WINDOW
+        try:
+            state = self._begin()
+            mods = self.model.modules
+            n = max(1, len(mods))
+            for start in range(0, len(mods), window):
+                part = mods[start:start + window]
+                decs = decompose(part, self.device, None, False)
+                self.decs.update(decs)
+                elig, cand, notes, _ = self._select(recipe, decs)
+                self._build_modules(part, recipe, elig, cand, notes, state, offset=start)
+                if self._progress is not None:
+                    self._progress(min(start + len(part), n), n)  # an interrupt point in ComfyUI
+            return self._finish(recipe, state, None)
+        except BaseException:
+            sink.abort()
+            raise
+
+    def _select(self, recipe: Recipe, decs: dict):
+        """Which dimensions each eligible module keeps: (elig, cand masks, notes, threshold)."""
         if recipe.lyco == "convert" and any(m.kind.name in ("loha", "lokr") and m.name not in self.decs
                                             and not m.is_dora for m in self.model.modules):
             raise LensError("This prune session was decomposed without LoHa/LoKr conversion; "
@@ -101,7 +139,7 @@ class PruneSession:
         self._attach_base(need_sub)
         notes: dict[str, str] = {}
         elig: dict[str, Decomp] = {}
-        for name, d in self.decs.items():
+        for name, d in decs.items():
             m = d.module
             if d.route == "dense" and recipe.lyco != "convert":
                 continue
@@ -168,12 +206,7 @@ class PruneSession:
                 mask = torch.zeros_like(cand[name])
                 mask[idx[:counts[name]]] = True
                 cand[name] = mask
-        try:
-            return self._build(recipe, elig, cand, notes, threshold)
-        except BaseException:
-            if sink is not None:
-                sink.abort()
-            raise
+        return elig, cand, notes, threshold
 
     def _fixed_bytes(self, elig, recipe) -> int:
         """Bytes of the output that do not depend on which dimensions are kept."""
@@ -207,88 +240,101 @@ class PruneSession:
         return emit
 
     def _build(self, recipe: Recipe, elig, cand, notes, threshold):
-        new_modules = []
-        emit = self._emitter(new_modules)
+        state = self._begin()
+        self._build_modules(self.model.modules, recipe, elig, cand, notes, state, progress=True)
+        self._done += len(self.model.modules)
+        return self._finish(recipe, state, threshold)
+
+    def _begin(self) -> dict:
+        new_modules: list = []
+        return {"modules": new_modules, "entries": [], "emit": self._emitter(new_modules)}
+
+    def _build_modules(self, modules, recipe: Recipe, elig, cand, notes, state, offset: int = 0,
+                       progress: bool = False):
+        """Output module(s) and report entry of each of `modules` (in order) into `state`."""
+        emit, entries = state["emit"], state["entries"]
         pages = self._pages
-        entries = []
         rescale = recipe.rescale
-        prev = None
-        for i, m in enumerate(self.model.modules):
-            if pages is not None and i:
-                pages(self.model.modules[i - 1])  # its output is built (and written, with a sink)
-            if self._progress is not None and (i % 16 == 0 or i == len(self.model.modules) - 1):
+        for i, m in enumerate(modules):
+            if progress and self._progress is not None and (i % 16 == 0 or i == len(modules) - 1):
                 self._progress(min(self._done + i + 1, self._units), self._units)  # an interrupt point in ComfyUI
-            if prev is not None:
-                prev.P = prev.Qt = prev.U = prev.Vh = None  # built: free its decomposition
-                prev = None
+            self._build_one(m, recipe, elig, cand, notes, emit, entries, rescale)
             d = elig.get(m.name)
             if d is not None and self._release:
-                prev = d
-            if d is None:
-                kept = m
-                note = notes.get(m.name)
-                if rescale != 1.0 and m.kind is not UNKNOWN and m.kind.name not in ("set",):
-                    try:
-                        kept = m.with_tensors(m.kind.scaled(m, rescale))
-                        note = (note + "; " if note else "") + f"rescaled by {rescale:g}"
-                    except LensError as e:
-                        note = (note + "; " if note else "") + str(e)
-                if note is None:
-                    note = {"unknown": "not understood: carried through byte for byte",
-                            "loha": "LoHa: left as it is (lyco=convert turns it into a LoRA)",
-                            "lokr": "LoKr: left as it is (lyco=convert turns it into a LoRA)",
-                            }.get(m.kind.name, f"{m.kind.describe(m)}: carried through")
-                emit(kept)
-                entries.append(module_entry(m, kept, None, None, rescale, note, self.base is not None))
-                continue
-            mask = cand[m.name]
-            idx = torch.nonzero(mask).flatten()
-            k = int(idx.numel())
-            if m.is_dora and k == 0:
-                idx, k = torch.arange(1), 1  # DoRA changes the weight even at ΔW = 0: keep one dimension
-            all_kept = k == d.dims and (d.rank is None or k == d.rank)
-            if k == 0:
-                why = "all-zero ΔW" if d.route == "zero" else "every dimension dropped by the recipe"
-                entries.append(module_entry(m, None, d, idx, rescale, f"removed ({why})", self.base is not None))
-                continue
-            if d.route == "dense":
-                new = converted_module(d, idx, rescale, recipe.dtype, self.peft)
-                if new.nbytes >= m.nbytes and rescale == 1.0:
-                    emit(m)
-                    entries.append(module_entry(m, m, None, None, rescale, f"{m.kind.label}: kept, as a LoRA it "
-                                                "would not be smaller", self.base is not None))
-                    continue
-                emit(new)
-                entries.append(module_entry(m, new, d, idx, rescale, f"{m.kind.label} converted to LoRA",
-                                            self.base is not None))
-                continue
-            new_bytes = k * d.dim_cost(_elem(recipe.dtype or m.tensors["up"].dtype))
-            old_fact = sum(t.numel() * t.element_size() for r, t in m.tensors.items() if r in ("up", "down", "mid"))
-            if all_kept or new_bytes >= old_fact:
-                if rescale == 1.0:
-                    emit(m)
-                    why = "nothing to drop" if all_kept else "a smaller rank would not make it smaller"
-                    entries.append(module_entry(m, m, d, torch.arange(d.dims), rescale,
-                                                f"kept bit-identical ({why})", self.base is not None))
-                else:
-                    new = m.with_tensors(m.kind.scaled(m, rescale))
-                    emit(new)
-                    entries.append(module_entry(m, new, d, torch.arange(d.dims), rescale,
-                                                f"all dimensions kept, rescaled by {rescale:g}", self.base is not None))
-                continue
-            tensors = pruned_tensors(d, idx, rescale, recipe.dtype, self.device)
-            new = m.with_tensors(tensors)
-            note = "pruned" + (" (Tucker core folded: plain conv LoRA)" if "mid" in m.tensors else "")
-            if m.is_dora and not dora_axis_output(m):
-                role = "dora_scale" if "dora_scale" in m.tensors else "magnitude"
-                tensors[role] = recomputed_dora(m, new, self.base.weight(m), rescale, self.device)
-                new = m.with_tensors(tensors)
-                note += "; DoRA magnitude recomputed against the base weights"
-            elif m.is_dora:
-                note += "; DoRA (output-axis magnitude, normalised by the base weight: unchanged)"
+                d.P = d.Qt = d.U = d.Vh = None  # built: free its decomposition
+            if pages is not None:
+                pages(m)  # its output is built (and written, with a sink)
+
+    def _build_one(self, m, recipe, elig, cand, notes, emit, entries, rescale):
+        """One module's output (emitted) and its report entry."""
+        d = elig.get(m.name)
+        if d is None:
+            kept = m
+            note = notes.get(m.name)
+            if rescale != 1.0 and m.kind is not UNKNOWN and m.kind.name not in ("set",):
+                try:
+                    kept = m.with_tensors(m.kind.scaled(m, rescale))
+                    note = (note + "; " if note else "") + f"rescaled by {rescale:g}"
+                except LensError as e:
+                    note = (note + "; " if note else "") + str(e)
+            if note is None:
+                note = {"unknown": "not understood: carried through byte for byte",
+                        "loha": "LoHa: left as it is (lyco=convert turns it into a LoRA)",
+                        "lokr": "LoKr: left as it is (lyco=convert turns it into a LoRA)",
+                        }.get(m.kind.name, f"{m.kind.describe(m)}: carried through")
+            emit(kept)
+            entries.append(module_entry(m, kept, None, None, rescale, note, self.base is not None))
+            return
+        mask = cand[m.name]
+        idx = torch.nonzero(mask).flatten()
+        k = int(idx.numel())
+        if m.is_dora and k == 0:
+            idx, k = torch.arange(1), 1  # DoRA changes the weight even at ΔW = 0: keep one dimension
+        all_kept = k == d.dims and (d.rank is None or k == d.rank)
+        if k == 0:
+            why = "all-zero ΔW" if d.route == "zero" else "every dimension dropped by the recipe"
+            entries.append(module_entry(m, None, d, idx, rescale, f"removed ({why})", self.base is not None))
+            return
+        if d.route == "dense":
+            new = converted_module(d, idx, rescale, recipe.dtype, self.peft)
+            if new.nbytes >= m.nbytes and rescale == 1.0:
+                emit(m)
+                entries.append(module_entry(m, m, None, None, rescale, f"{m.kind.label}: kept, as a LoRA it "
+                                            "would not be smaller", self.base is not None))
+                return
             emit(new)
-            entries.append(module_entry(m, new, d, idx, rescale, note, self.base is not None))
-        self._done += len(self.model.modules)
+            entries.append(module_entry(m, new, d, idx, rescale, f"{m.kind.label} converted to LoRA",
+                                        self.base is not None))
+            return
+        new_bytes = k * d.dim_cost(_elem(recipe.dtype or m.tensors["up"].dtype))
+        old_fact = sum(t.numel() * t.element_size() for r, t in m.tensors.items() if r in ("up", "down", "mid"))
+        if all_kept or new_bytes >= old_fact:
+            if rescale == 1.0:
+                emit(m)
+                why = "nothing to drop" if all_kept else "a smaller rank would not make it smaller"
+                entries.append(module_entry(m, m, d, torch.arange(d.dims), rescale,
+                                            f"kept bit-identical ({why})", self.base is not None))
+            else:
+                new = m.with_tensors(m.kind.scaled(m, rescale))
+                emit(new)
+                entries.append(module_entry(m, new, d, torch.arange(d.dims), rescale,
+                                            f"all dimensions kept, rescaled by {rescale:g}", self.base is not None))
+            return
+        tensors = pruned_tensors(d, idx, rescale, recipe.dtype, self.device)
+        new = m.with_tensors(tensors)
+        note = "pruned" + (" (Tucker core folded: plain conv LoRA)" if "mid" in m.tensors else "")
+        if m.is_dora and not dora_axis_output(m):
+            role = "dora_scale" if "dora_scale" in m.tensors else "magnitude"
+            tensors[role] = recomputed_dora(m, new, self.base.weight(m), rescale, self.device)
+            new = m.with_tensors(tensors)
+            note += "; DoRA magnitude recomputed against the base weights"
+        elif m.is_dora:
+            note += "; DoRA (output-axis magnitude, normalised by the base weight: unchanged)"
+        emit(new)
+        entries.append(module_entry(m, new, d, idx, rescale, note, self.base is not None))
+
+    def _finish(self, recipe: Recipe, state: dict, threshold):
+        new_modules, entries = state["modules"], state["entries"]
         out = LoRAModel(new_modules, self.model.metadata, self.model.source)
         if threshold is not None and not math.isfinite(threshold):
             threshold = None  # size= larger than the whole file: every direction stays
@@ -367,6 +413,12 @@ def prune_many(model: LoRAModel, recipes, device="cpu", progress=None, base=None
     _check_base(recipes, base)
     if outputs is not None and len(outputs) != len(recipes):
         raise LensError(f"{len(recipes)} recipes need {len(recipes)} output paths, got {len(outputs)}.")
+    if outputs is not None and len(recipes) == 1 and base is None and streamable(recipes[0]):
+        # one output, per-module choices: a single windowed pass (decompose, prune, write, release)
+        session = PruneSession(model, device, progress, None, False, 1, decompose_now=False)
+        reserve = _header_estimate(model, model.metadata) + 16384
+        sink = StreamWriter(outputs[0], forbid=(model.source,) if model.source else (), header_reserve=reserve)
+        return [session.run_streamed(recipes[0], sink)]
     session = PruneSession(model, device, progress, base, any(r.lyco == "convert" for r in recipes), len(recipes))
     results = []
     for i, r in enumerate(recipes):
@@ -376,6 +428,12 @@ def prune_many(model: LoRAModel, recipes, device="cpu", progress=None, base=None
             sink = StreamWriter(outputs[i], forbid=(model.source,) if model.source else (), header_reserve=reserve)
         results.append(session.run(r, release=(i == len(recipes) - 1), sink=sink))
     return results
+
+
+def streamable(recipe: Recipe) -> bool:
+    """True when every choice of the recipe is made per module (one windowed pass can do it)."""
+    return (recipe.size_mib is None and recipe.budget_mib is None and not recipe.needs_base
+            and recipe.lyco != "convert")
 
 
 def _check_base(recipes, base):
