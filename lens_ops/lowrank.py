@@ -16,6 +16,21 @@ def work_dtype(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.dtype
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
+def gram(x: torch.Tensor) -> torch.Tensor:
+    """xᵀx for x [..., n, r] from three of its four r/2 blocks (it is symmetric): ~15 % less work than
+    one full product on the big thin factors LoRAs have (torch exposes no syrk)."""
+    r = x.shape[-1]
+    if r < 32:
+        return x.transpose(-2, -1) @ x
+    h = r // 2
+    top = x[..., :h].transpose(-2, -1) @ x
+    g = torch.empty(x.shape[:-2] + (r, r), dtype=x.dtype, device=x.device)
+    g[..., :h, :] = top
+    g[..., h:, :h] = top[..., h:].transpose(-2, -1)
+    g[..., h:, h:] = x[..., h:].transpose(-2, -1) @ x[..., h:]
+    return g
+
+
 def factored_svd(b: torch.Tensor, a: torch.Tensor, scale: float = 1.0, full: bool = True):
     """Exact SVD of scale·b@a from its factors: (U [n×k], S [k], Vh [k×m]) with k = min(r, n, m).
 
@@ -67,8 +82,8 @@ def factored_svd_transforms(b: torch.Tensor, a: torch.Tensor, scale: float = 1.0
     m = a.shape[1]
     if r > min(n, m):
         return None
-    gb = (b.transpose(0, 1) @ b).double()
-    ga = (a @ a.transpose(0, 1)).double()
+    gb = gram(b).double()
+    ga = gram(a.transpose(0, 1)).double()
     return core_transforms(gb, ga, scale, max_cond, torch.float64 if b.dtype == torch.float64 else torch.float32)
 
 

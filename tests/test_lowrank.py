@@ -34,3 +34,13 @@ def test_inner_products_equal_dense():
     b2, a2 = (x.double() for x in pair(50, 40, 4, g))
     assert abs(frobenius_inner(b1, a1, b2, a2) - ((b1 @ a1) * (b2 @ a2)).sum()) < 1e-14
     assert abs(frobenius_norm(b1, a1) - (b1 @ a1).norm()) < 1e-14
+
+
+@pytest.mark.parametrize("shape", [(50, 8), (300, 64), (7, 200, 96), (3, 2, 90, 33)])
+def test_gram_equals_full_product(shape):
+    from lens_ops.lowrank import gram
+    x = torch.randn(*shape, dtype=torch.float64)
+    ref = x.transpose(-2, -1) @ x
+    assert torch.allclose(gram(x), ref, rtol=1e-12, atol=1e-10)
+    xt = torch.randn(*shape[:-2], shape[-1], shape[-2], dtype=torch.float64).transpose(-2, -1)  # non-contiguous
+    assert torch.allclose(gram(xt), xt.transpose(-2, -1) @ xt, rtol=1e-12, atol=1e-10)

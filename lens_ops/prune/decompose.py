@@ -17,7 +17,7 @@ from typing import Callable
 
 import torch
 
-from ..lowrank import core_transforms, factored_svd, work_dtype
+from ..lowrank import core_transforms, factored_svd, gram, work_dtype
 
 CHUNK = 48  # modules per batched r×r step (bounds the float64 Gram memory)
 
@@ -85,8 +85,8 @@ def decompose(modules: list, device="cpu", progress: Callable[[int, int], None] 
                 if r > min(n, mm):
                     fallback.append("zero" if m.is_zero() else "qr")
                 else:
-                    gb1 = (b.transpose(0, 1) @ b).double()
-                    ga1 = (a @ a.transpose(0, 1)).double()
+                    gb1 = gram(b).double()
+                    ga1 = gram(a.transpose(0, 1)).double()
                     if float(gb1.trace()) == 0.0 or float(ga1.trace()) == 0.0:
                         fallback.append("zero")  # an all-zero factor: ΔW = 0
                     else:
