@@ -80,7 +80,7 @@ def run(args) -> int:
     for i, (src, outs) in enumerate(zip(args.inputs, paths)):
         t0 = time.perf_counter()
         try:
-            model = LoRAModel.load(src, device=args.device, mapped=True)
+            model = LoRAModel.load(src, mapped=True)  # CPU mapping; the work runs on args.device
             bar = None if batch else Bar(f"prune {os.path.basename(src)}")
             results = prune_many(model, recipes, args.device, bar, base, outputs=outs)
             for (_, report), out in zip(results, outs):
