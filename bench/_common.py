@@ -29,21 +29,26 @@ def generated(layout: str, rank: int, seed: int = 0, dtype: str = "float16") -> 
 
 
 def run_timed(code: str, runs: int = 3) -> dict:
-    """Run `code` (which sets `elapsed`) in fresh processes; median seconds and max peak RSS (MiB)."""
+    """Run `code` (which sets `elapsed`, optionally `cpu_seconds`) in fresh processes; median seconds and max peak RSS (MiB)
+    (and median CPU seconds, `cpu_median`, when every run set `cpu_seconds`)."""
     script = textwrap.dedent("""
         import json, resource, sys, time
         sys.path.insert(0, %r)
     """ % ROOT) + textwrap.dedent(code) + textwrap.dedent("""
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        print(json.dumps({"elapsed": elapsed, "peak_mib": peak}))
+        print(json.dumps({"elapsed": elapsed, "peak_mib": peak, "cpu": globals().get("cpu_seconds")}))
     """)
-    times, peaks = [], []
+    times, peaks, cpus = [], [], []
     for _ in range(runs):
         out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
         r = json.loads(out.stdout.strip().splitlines()[-1])
         times.append(r["elapsed"])
         peaks.append(r["peak_mib"])
-    return {"median": statistics.median(times), "all": times, "peak_mib": max(peaks)}
+        cpus.append(r.get("cpu"))
+    out = {"median": statistics.median(times), "all": times, "peak_mib": max(peaks)}
+    if all(c is not None for c in cpus):  # steps that also set `cpu_seconds` (process CPU time of the step)
+        out["cpu_median"] = statistics.median(cpus)
+    return out
 
 
 def table(rows: list[list[str]], header: list[str]) -> str:

@@ -2,7 +2,7 @@
 rotated vs both vs auto) on generated SDXL r32 / FLUX r64 layouts, file size, and time against a plain
 safetensors load+save of an SDXL rank-128 file.
 
-Usage: python bench/quantize.py [--quality] [--time] [--runs 3] [--time-rank 128] [--time-methods naive,auto]
+Usage: python bench/quantize.py [--quality] [--time] [--runs 3] [--time-rank 128] [--time-methods default,naive]
        [--slice N] [--threads N]
 Quality runs in this process (deterministic). Timings run each step in a fresh process (median of --runs).
 """
@@ -16,26 +16,28 @@ from _common import ROOT, generated, run_timed, table
 
 sys.path.insert(0, ROOT)
 
-METHODS = ["naive", "rebalance", "rotate", "rebalance+rotate", "auto"]
+METHODS = ["naive", "rebalance", "rotate", "rebalance+rotate", "auto"]  # rebalance+rotate is the default
 
 PLAIN = """
 from safetensors.torch import load_file, save_file
-t = time.perf_counter()
+t, c = time.perf_counter(), time.process_time()
 sd = load_file({src!r})
 save_file(sd, {dst!r}, metadata={{}})
-elapsed = time.perf_counter() - t
+elapsed, cpu_seconds = time.perf_counter() - t, time.process_time() - c
 """
 QUANT = """
 import torch
 if {threads}: torch.set_num_threads({threads})
-from lens_ops import LoRAModel
-from lens_ops.quantize import quantize_model
-t = time.perf_counter()
-m = LoRAModel.load({src!r})
-out, rep = quantize_model(m, method={method!r}, dense_metrics="off")
-out.save({dst!r}, out.metadata)
-elapsed = time.perf_counter() - t
+from lens_ops.cli import main
+t, c = time.perf_counter(), time.process_time()
+rc = main(["quantize", {src!r}, "-o", {dst!r}] + {extra!r})  # exactly what a user runs (report printed)
+elapsed, cpu_seconds = time.perf_counter() - t, time.process_time() - c
+assert rc == 0
 """
+
+# label -> extra CLI arguments; "default" is `lora-lens quantize IN -o OUT` with nothing else
+VARIANTS = {"default": [], "naive": ["--method", "naive"], "auto": ["--method", "auto"],
+            "exact": ["--metrics", "exact"]}
 
 
 def quality(layouts):
@@ -50,7 +52,7 @@ def quality(layouts):
         naive_med = None
         for meth in METHODS:
             t = time.perf_counter()
-            out, rep = quantize_model(model, method=meth, dense_metrics="off")
+            out, rep = quantize_model(model, method=meth)
             secs = time.perf_counter() - t
             dst = src + f".{meth}.q.safetensors"
             out.save(dst, out.metadata)
@@ -94,28 +96,33 @@ def timing(rank, runs, methods, slice_modules=0, threads=0):
     dst = src + ".bench.safetensors"
     size = os.path.getsize(src) / 2**20
     steps = [("plain safetensors load+save (baseline)", PLAIN.format(src=src, dst=dst))]
-    for meth in methods:
-        steps.append((f"quantize --method {meth}" + (" (default)" if meth == "auto" else ""),
-                      QUANT.format(src=src, dst=dst, method=meth, threads=threads)))
+    for v in methods:
+        extra = VARIANTS[v]
+        label = "lora-lens quantize IN -o OUT" + (" " + " ".join(extra) if extra else " (default)")
+        steps.append((label, QUANT.format(src=src, dst=dst, extra=extra, threads=threads)))
     times = {label: [] for label, _ in steps}
+    cpus = {label: [] for label, _ in steps}
     peaks = {label: 0.0 for label, _ in steps}
     for i in range(runs):
         for label, code in steps:
             r = run_timed(code, 1)
             times[label].append(r["median"])
+            cpus[label].append(r["cpu_median"])
             peaks[label] = max(peaks[label], r["peak_mib"])
-            print(f"run {i + 1}: {label}: {r['median']:.2f} s", flush=True)
+            print(f"run {i + 1}: {label}: {r['median']:.2f} s ({r['cpu_median']:.2f} s CPU)", flush=True)
     os.unlink(dst)
     base = statistics.median(times[steps[0][0]])
+    cbase = statistics.median(cpus[steps[0][0]])
     rows = []
     for label, _ in steps:
-        med = statistics.median(times[label])
-        rows.append([label, f"{med:.2f}", f"{med / base:.2f}", f"{peaks[label]:.0f}",
-                     " ".join(f"{t:.1f}" for t in times[label])])
+        med, cmed = statistics.median(times[label]), statistics.median(cpus[label])
+        rows.append([label, f"{med:.2f}", f"{med / base:.2f}", f"{cmed:.2f}", f"{cmed / cbase:.2f}",
+                     f"{peaks[label]:.0f}", " ".join(f"{t:.1f}" for t in times[label])])
     what = f"first {slice_modules} UNet modules of " if slice_modules else ""
     print(f"\n{what}sdxl_kohya rank {rank}: {size:.0f} MiB fp16, median of {runs} interleaved fresh-process runs"
           + (f", quantize with {threads} thread(s)" if threads else ""))
-    print(table(rows, ["step", "seconds", "× baseline", "peak MiB", "all runs (s)"]))
+    print(table(rows, ["step", "seconds", "× baseline", "CPU s", "CPU × baseline", "peak MiB", "all runs (s)"]))
+    print("(CPU s = process CPU time of the step: on a shared machine it is steadier than wall seconds)")
 
 
 def main():
@@ -124,7 +131,8 @@ def main():
     ap.add_argument("--time", action="store_true")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--time-rank", type=int, default=128)
-    ap.add_argument("--time-methods", default="naive,auto", help="comma-separated methods to time")
+    ap.add_argument("--time-methods", default="default",
+                    help=f"comma-separated variants to time: {', '.join(VARIANTS)} (default: default)")
     ap.add_argument("--slice", type=int, default=0, help="time only the first N UNet modules of the file")
     ap.add_argument("--threads", type=int, default=0, help="torch threads for the quantize runs (0: default)")
     a = ap.parse_args()

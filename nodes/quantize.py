@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..lens_ops import LensError
-from ..lens_ops.quantize import DEFAULT_MIN_SNR, METHODS, format_report, quantize_model
+from ..lens_ops.quantize import DEFAULT_METHOD, DEFAULT_MIN_SNR, METHODS, format_report, quantize_model
 from .common import CATEGORY, LORA, as_model, as_socket, progress, torch_device
 
 FORMATS = {"int8": "int8", "fp8 (e4m3fn)": "fp8"}
@@ -33,10 +33,11 @@ class QuantizeInt8:
                                            "tooltip": "int8 (symmetric, scale = max|x|/127) or fp8 e4m3fn "
                                                       "(scale = max|x|/448). Both load in stock ComfyUI."}),
                 "method": (["auto"] + list(METHODS),
-                           {"default": "auto",
+                           {"default": DEFAULT_METHOD,
                             "tooltip": "How each factor pair is prepared before rounding, ΔW unchanged: naive, "
-                                       "rebalance (up·D, D⁻¹·down), rotate (Hadamard in rank space) or both. "
-                                       "auto measures the candidates' exact ΔW error and keeps the best."}),
+                                       "rebalance (up·D, D⁻¹·down), rotate (Hadamard in rank space) or both "
+                                       f"(default {DEFAULT_METHOD}: best in the benchmark). auto measures every "
+                                       "candidate's exact ΔW error per module and keeps the best (slower)."}),
                 "min_snr_db": ("FLOAT", {"default": DEFAULT_MIN_SNR, "min": 0.0, "max": 200.0, "step": 0.5,
                                          "tooltip": "Warn for modules whose ΔW SNR falls under this many dB."}),
                 "keep_fp16_below": ("BOOLEAN", {"default": False,
@@ -46,12 +47,15 @@ class QuantizeInt8:
             "optional": {
                 "dense_metrics": (["auto", "on", "off"],
                                   {"default": "auto",
-                                   "tooltip": "ΔW MAE and max error need the dense ΔW of every module: auto "
-                                              "computes them on small LoRAs, on always, off never."}),
+                                   "tooltip": "ΔW SNR, MSE and relative error are always exact (from the factors). "
+                                              "ΔW MAE and max error need the dense ΔW: on = every module densely "
+                                              "(exact, slow on big LoRAs); auto = exact on small LoRAs, else "
+                                              "exactly on a deterministic sample of rows per module (reported as "
+                                              "sampled-rows); off = not computed."}),
             },
         }
 
-    def quantize(self, lora, format="int8", method="auto", min_snr_db=DEFAULT_MIN_SNR, keep_fp16_below=False,
+    def quantize(self, lora, format="int8", method=DEFAULT_METHOD, min_snr_db=DEFAULT_MIN_SNR, keep_fp16_below=False,
                  dense_metrics="auto"):
         if format not in FORMATS:
             raise LensError(f"Unknown format {format!r}; use int8 or fp8 (e4m3fn).")

@@ -262,7 +262,7 @@ def test_quality_targets(layout, rank, mods):
 
 def test_auto_is_best_measured():
     sd = make_lora("sdxl_kohya", rank=16, seed=9, max_modules=6)
-    _, auto = quantize_model(sd, dense_metrics="off")
+    _, auto = quantize_model(sd, method="auto", dense_metrics="off")
     for meth in transforms.METHODS:
         _, fixed = quantize_model(sd, method=meth, dense_metrics="off")
         for a, f in zip(auto["per_module"], fixed["per_module"]):
@@ -291,3 +291,143 @@ def test_app_separate_scale_files_read_as_dequantized(tmp_path):
     q, rep = quantize_model(got)  # and it re-quantizes into the loadable folded form
     assert rep["modules_quantized"] == 2
     assert not any(k.endswith("scale") for k in q.state_dict())
+
+
+# ------------------------------------------------------------------ fast exact metrics (factors) and sampled rows
+def _dense_reference(sd, q, name):
+    """(ref ΔW, quantized ΔW) in float64 straight from the tensors (alpha/rank · up @ down)."""
+    up, down = sd[name + ".lora_up.weight"].double(), sd[name + ".lora_down.weight"].double()
+    r = down.shape[0]
+    ref = (sd[name + ".alpha"].item() / r) * (up.flatten(1) @ down.flatten(1))
+    m1 = q.get(name)
+    got = (m1.tensors["alpha"].double().item() / r) * (m1.tensors["up"].double().flatten(1)
+                                                       @ m1.tensors["down"].double().flatten(1))
+    return ref, got
+
+
+def _big_decaying_lora(seed=21):
+    """Modules large enough for the float32 Gram route (> metrics.SMALL elements), decaying spectra."""
+    from lens_ops.synth import spectrum_factors
+    g = gen(seed)
+    sd = {}
+    for i, (n, m, r) in enumerate(((640, 640, 64), (1280, 320, 48), (96, 1024, 64))):
+        up, down = spectrum_factors(n, m, r, g, eff_rank=6.0, decay=0.5, magnitude=0.01)
+        name = f"lora_unet_big_{i}"
+        sd[name + ".lora_up.weight"], sd[name + ".lora_down.weight"] = up, down
+        sd[name + ".alpha"] = torch.tensor(float(r) / 2)
+    return sd
+
+
+@pytest.mark.parametrize("method", ["rebalance+rotate", "naive", "auto"])
+def test_factor_metrics_exact_against_dense_float64(method):
+    """SNR/MSE/relative error from the factors (float32 Grams on these sizes) == dense float64 reference, and the
+    tolerance is tight enough to catch a missing cross term (the assert below it proves the test can fail)."""
+    from lens_ops.quantize import metrics
+    sd = _big_decaying_lora()
+    assert all(sd[k].numel() + sd[k.replace("up", "down")].numel() > metrics.SMALL
+               for k in sd if k.endswith("lora_up.weight"))
+    q, rep = quantize_model(sd, method=method, metrics="sampled")
+    per = {p["name"]: p["delta"] for p in rep["per_module"]}
+    for name in {k.split(".")[0] for k in sd}:
+        ref, got = _dense_reference(sd, q, name)
+        e = got - ref
+        sig, err = float((ref ** 2).sum()), float((e ** 2).sum())
+        d = per[name]
+        assert d["snr_db"] == pytest.approx(10 * math.log10(sig / err), abs=2e-3)
+        assert d["mse"] == pytest.approx(err / e.numel(), rel=5e-4)
+        assert d["rel_frobenius"] == pytest.approx(math.sqrt(err / sig), rel=3e-4)
+        assert d["metrics"] == "sampled-rows"
+    # errors correlated between the sides (a systematic shrink): the cross term 2⟨E_b·a, bq·E_a⟩ is half the
+    # error, the factor form still equals the dense reference, and the form without it would be far off
+    m0 = LoRAModel.from_state_dict(sd).modules[0]
+    b, a, s = m0.lowrank(torch.float64)
+    bq, aq = 0.99 * b, 0.99 * a
+    dense = float(((s * (b @ a - bq @ aq)) ** 2).sum())
+    full = metrics.lowrank_error(b.float(), a.float(), bq.float(), aq.float(), s)
+    eb, ea = b - bq, a - aq
+    no_cross = s * s * float(((eb.T @ eb) * (a @ a.T)).sum() + ((bq.T @ bq) * (ea @ ea.T)).sum())
+    assert full == pytest.approx(dense, rel=5e-4)
+    assert abs(no_cross - dense) / dense > 0.3
+
+
+def test_lowrank_error_no_cancellation_on_tiny_errors():
+    """Error energy 1e-12 of the signal (float32 factors): the E-based Gram form keeps its relative accuracy
+    where ‖BA‖² − 2⟨BA, B̂Â⟩ + ‖B̂Â‖² would return noise."""
+    from lens_ops.quantize.metrics import lowrank_error
+    from lens_ops.synth import spectrum_factors
+    b, a = spectrum_factors(512, 384, 32, gen(5), eff_rank=4.0, decay=0.5, magnitude=1.0)
+    g = gen(6)
+    bq = b + 1e-6 * b.abs().max() * torch.rand(b.shape, generator=g).sub(0.5)
+    aq = a + 1e-6 * a.abs().max() * torch.rand(a.shape, generator=g).sub(0.5)
+    ref = float(((b.double() @ a.double() - bq.double() @ aq.double()) ** 2).sum())
+    sig = float(((b.double() @ a.double()) ** 2).sum())
+    assert ref / sig < 1e-10
+    err, s2 = lowrank_error(b, a, bq, aq, 1.0, with_signal=True)
+    assert err == pytest.approx(ref, rel=1e-3)
+    assert s2 == pytest.approx(sig, rel=1e-5)
+    naive = sig - 2 * float(((b @ a) * (bq @ aq)).sum()) + float(((bq @ aq) ** 2).sum())  # float32, cancels
+    assert abs(naive - ref) / ref > 1e-2
+
+
+def test_sampled_rows_mae_max_exact_on_their_rows():
+    """Default on big files: MAE/max error exactly on a deterministic sample of ΔW rows (labelled); on request
+    (metrics="exact") on every entry; both against the dense float64 reference."""
+    from lens_ops.quantize.metrics import SAMPLE_ROWS, sample_rows
+    sd = _big_decaying_lora(seed=22)
+    q, rep = quantize_model(sd, metrics="sampled")
+    qx, repx = quantize_model(sd, metrics="exact")
+    per, perx = {p["name"]: p["delta"] for p in rep["per_module"]}, {p["name"]: p["delta"] for p in repx["per_module"]}
+    tot_abs, tot_n, tot_max = 0.0, 0, 0.0
+    for name in {k.split(".")[0] for k in sd}:
+        ref, got = _dense_reference(sd, q, name)
+        idx = sample_rows(ref.shape[0])
+        assert idx is not None and len(idx) == SAMPLE_ROWS
+        assert idx[0] == 0 and idx[-1] == ref.shape[0] - 1
+        e = (got - ref)[idx]
+        assert per[name]["mae"] == pytest.approx(float(e.abs().mean()), rel=1e-4)
+        assert per[name]["max_error"] == pytest.approx(float(e.abs().max()), rel=1e-4)
+        tot_abs += float(e.abs().sum()); tot_n += e.numel(); tot_max = max(tot_max, float(e.abs().max()))
+        ex = got - ref  # same quantized factors: metrics mode does not change the file
+        assert torch.equal(qx.get(name).tensors["up"], q.get(name).tensors["up"])
+        assert perx[name]["mae"] == pytest.approx(float(ex.abs().mean()), rel=1e-6)
+        assert perx[name]["max_error"] == pytest.approx(float(ex.abs().max()), rel=1e-6)
+        assert perx[name]["metrics"] == "exact"
+        assert per[name]["snr_db"] == pytest.approx(perx[name]["snr_db"], abs=2e-3)
+    assert rep["metrics"] == "sampled-rows" and repx["metrics"] == "exact"
+    assert rep["delta"]["mae"] == pytest.approx(tot_abs / tot_n, rel=1e-4)
+    assert rep["delta"]["max_error"] == pytest.approx(tot_max, rel=1e-4)
+    assert rep["delta"]["sampled_entries"] == tot_n
+    assert rep["delta"]["mse"] == pytest.approx(repx["delta"]["mse"], rel=5e-4)  # MSE over every entry
+    text = format_report(rep)
+    assert "sample of" in text and "exact" in text
+    _, small = quantize_model(make_lora("sd15_kohya", rank=4, seed=1, max_modules=3))
+    assert small["metrics"] == "exact"  # auto: small files get the dense pass
+
+
+def test_fast_rotation_matches_dense_rotation():
+    """The blocked b·D·Q / Qᵀ·D⁻¹·a (diagonal folded into the blocks) equals the dense Q of rotation()."""
+    g = gen(8)
+    for r in (16, 64, 96, 128, 20):
+        b, a = torch.randn(50, r, generator=g, dtype=torch.float64), torch.randn(r, 30, generator=g, dtype=torch.float64)
+        d = transforms.rebalance_diag(b, a)
+        q = transforms.rotation(r, torch.float64)
+        b2, a2 = transforms.apply("rebalance+rotate", b, a)
+        assert torch.allclose(b2, (b * d) @ q, atol=1e-12) and torch.allclose(a2, q.T @ (a / d.unsqueeze(1)), atol=1e-12)
+        b3, a3 = transforms.apply("rotate", b, a)
+        assert torch.allclose(b3, b @ q, atol=1e-12) and torch.allclose(a3, q.T @ a, atol=1e-12)
+
+
+def test_int8_gram_route_equals_float_route(monkeypatch):
+    """The exact int32 code products (bqᵀbq, aq·aqᵀ) give the same ΔW metrics as the all-float route."""
+    from lens_ops.quantize import metrics
+    sd = _big_decaying_lora(seed=23)
+    calls = []
+    real = metrics._int_gram
+    monkeypatch.setattr(metrics, "_int_gram", lambda q, rows: calls.append(1) or real(q, rows))
+    _, fast = quantize_model(sd, metrics="sampled")
+    assert calls  # the int route ran
+    monkeypatch.setattr(metrics, "_int_gram", lambda q, rows: None)
+    _, slow = quantize_model(sd, metrics="sampled")
+    for f, s in zip(fast["per_module"], slow["per_module"]):
+        assert f["delta"]["snr_db"] == pytest.approx(s["delta"]["snr_db"], abs=1e-5)
+        assert f["delta"]["mse"] == pytest.approx(s["delta"]["mse"], rel=1e-6)

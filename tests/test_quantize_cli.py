@@ -91,3 +91,21 @@ def test_quantize_node(comfy_env):
     info = mod.ApplyLoRA.INPUT_TYPES()["required"]
     assert list(info) == ["model", "clip", "lora", "strength_model", "strength_clip"]
     assert mod.ApplyLoRA.RETURN_TYPES == ("MODEL", "CLIP")
+
+
+def test_quantize_cli_metrics_modes(src, tmp_path, capsys):
+    """--metrics sampled labels MAE/max error as sampled rows (SNR/MSE exact, equal to --metrics exact), and the
+    default method is the benchmark's best (rebalance+rotate)."""
+    out = str(tmp_path / "s.safetensors")
+    assert main(["quantize", src, "-o", out, "--metrics", "sampled", "--json"]) == 0
+    s = json.loads(capsys.readouterr().out)
+    assert main(["quantize", src, "-o", str(tmp_path / "x.safetensors"), "--metrics", "exact", "--json"]) == 0
+    x = json.loads(capsys.readouterr().out)
+    assert s["metrics"] == "sampled-rows" and s["delta"]["metrics"] == "sampled-rows"
+    assert x["metrics"] == "exact" and x["delta"]["sampled_entries"] is None
+    assert s["method"] == "rebalance+rotate" and set(s["methods"]) == {"rebalance+rotate"}
+    assert s["delta"]["snr_db"] == pytest.approx(x["delta"]["snr_db"], abs=2e-3)
+    assert s["delta"]["sampled_entries"] > 0 and s["delta"]["mae"] > 0 and s["delta"]["max_error"] > 0
+    assert main(["quantize", src, "-o", out, "--metrics", "sampled"]) == 0
+    text = capsys.readouterr().out
+    assert "deterministic sample of 16 rows" in text

@@ -17,17 +17,22 @@ DESCRIPTION = (HELP + ". Reports ΔW and stored-tensor SNR, MSE, MAE, max error 
 
 
 def add_quant_options(p, prefix_help: str = "") -> None:
-    from ..quantize import DEFAULT_MIN_SNR, METHODS
+    from ..quantize import DEFAULT_METHOD, DEFAULT_MIN_SNR, METHODS
     p.add_argument("--fp8", action="store_true", help="store fp8 e4m3fn instead of int8 (same scale folding)")
-    p.add_argument("--method", default="auto", choices=("auto",) + METHODS,
-                   help="how factor pairs are prepared before rounding (default auto: per module, the variant "
-                        "with the best measured ΔW SNR)")
+    p.add_argument("--method", default=DEFAULT_METHOD, choices=("auto",) + METHODS,
+                   help=f"how factor pairs are prepared before rounding, ΔW unchanged (default {DEFAULT_METHOD}, the "
+                        "best in the benchmark; auto measures every variant per module and keeps the best, slower)")
     p.add_argument("--min-snr", type=float, default=DEFAULT_MIN_SNR,
                    help=f"warn for modules whose ΔW SNR is under this many dB (default {DEFAULT_MIN_SNR:g})")
     p.add_argument("--keep-fp16", action="store_true",
                    help="keep modules under --min-snr in their original precision (mixed file, still loadable)")
-    p.add_argument("--dense-metrics", default="auto", choices=("auto", "on", "off"),
-                   help="ΔW MAE and max error need the dense ΔW: auto computes them on small files")
+    p.add_argument("--metrics", default="auto", choices=("auto", "exact", "sampled"),
+                   help="ΔW SNR, MSE and relative error are always exact (from the factors); ΔW MAE and max error "
+                        "need the dense ΔW: exact computes it for every module, sampled computes them exactly on a "
+                        "deterministic sample of rows per module (labelled sampled-rows), auto = exact on small "
+                        "files, sampled on big ones (default)")
+    p.add_argument("--dense-metrics", default=None, choices=("auto", "on", "off"),
+                   help="older spelling: on = --metrics exact, off = no ΔW MAE/max error, auto = --metrics auto")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for torch (default: torch's choice); 1 is much faster on a busy machine")
     p.add_argument("--json", action="store_true", help="print the full report (with per-module metrics) as JSON")
@@ -65,7 +70,7 @@ def quantize_and_print(model, args, extra_report: dict | None = None) -> dict:
     bar = Bar("quantize")
     out, rep = quantize_model(model, fmt="fp8" if args.fp8 else "int8", method=args.method,
                               min_snr=args.min_snr, keep_below=args.keep_fp16, dense_metrics=args.dense_metrics,
-                              device=args.device, progress=bar)
+                              metrics=args.metrics, device=args.device, progress=bar)
     path = out.save(args.output, out.metadata)
     rep["output"] = path
     rep["input_file_bytes"] = os.path.getsize(args.input)

@@ -19,18 +19,20 @@ from ..errors import LensError
 from ..model import LoRAModel, ensure_model
 from .codec import FORMATS, is_quantized
 from .fold import FOLDABLE, ModuleResult, quantize_module
-from .metrics import Stats
+from .metrics import SAMPLE_ROWS, Stats
 from .transforms import METHODS
 
-DEFAULT_METHOD = "auto"
+DEFAULT_METHOD = "rebalance+rotate"  # best median ΔW SNR in bench/quantize.py; "auto" measures every candidate
 DEFAULT_MIN_SNR = 40.0
 DENSE_BUDGET = 1 << 26  # ΔW entries: below this the dense ΔW metrics (MAE, max error) come for free-ish
 DENSE_MODES = ("auto", "on", "off")
+METRIC_MODES = ("auto", "exact", "sampled")  # how ΔW MAE/max error are obtained (SNR, MSE, rel. error: always exact)
+METRIC_LABEL = {"exact": "exact", "sampled": "sampled-rows", "none": "snr-mse-only"}
 SMALL_MODULE = 1 << 18  # module elements below which one CPU thread is faster than several
 FMT_LABEL = {"int8": "int8", "fp8": "fp8 (e4m3fn)"}
 
 __all__ = ["quantize_model", "dequantize_model", "format_report", "METHODS", "FORMATS", "DEFAULT_METHOD",
-           "DEFAULT_MIN_SNR"]
+           "DEFAULT_MIN_SNR", "METRIC_MODES"]
 
 
 def _check_finite(model: LoRAModel) -> None:
@@ -54,24 +56,37 @@ def _dense_size(model: LoRAModel) -> int:
 
 
 def quantize_model(model, fmt: str = "int8", method: str = DEFAULT_METHOD, min_snr: float = DEFAULT_MIN_SNR,
-                   keep_below: bool = False, dense_metrics: str = "auto", device="cpu",
-                   progress: Callable[[int, int], None] | None = None) -> tuple[LoRAModel, dict]:
+                   keep_below: bool = False, dense_metrics: str | None = None, device="cpu",
+                   progress: Callable[[int, int], None] | None = None,
+                   metrics: str = "auto") -> tuple[LoRAModel, dict]:
     """Quantize every foldable module. Modules whose ΔW SNR is under `min_snr` dB are reported and, with
-    `keep_below`, kept in their original precision (a mixed file, still loadable)."""
+    `keep_below`, kept in their original precision (a mixed file, still loadable).
+
+    ΔW SNR, MSE and relative Frobenius error are always exact (from the factors). `metrics` sets how ΔW MAE
+    and max error are obtained: "exact" (dense ΔW of every module), "sampled" (exactly, on a deterministic
+    sample of ΔW rows per module; labelled "sampled-rows"), "auto" (exact when the file's LoRA ΔW has at most
+    DENSE_BUDGET entries, else sampled). The older `dense_metrics` ("on" = exact, "off" = no MAE/max error,
+    "auto"), when given, takes precedence."""
     model = ensure_model(model)
     if fmt not in FORMATS:
         raise LensError(f"Unknown format {fmt!r}; use int8 or fp8.")
     if method != "auto" and method not in METHODS:
         raise LensError(f"Unknown method {method!r}; use auto, {', '.join(METHODS)}.")
-    if dense_metrics not in DENSE_MODES:
+    if dense_metrics is not None and dense_metrics not in DENSE_MODES:
         raise LensError(f"dense_metrics must be one of {', '.join(DENSE_MODES)}, not {dense_metrics!r}.")
+    if metrics not in METRIC_MODES:
+        raise LensError(f"metrics must be one of {', '.join(METRIC_MODES)}, not {metrics!r}.")
     if not isinstance(min_snr, (int, float)) or math.isnan(min_snr):
         raise LensError("The SNR threshold must be a number of dB (e.g. 40).")
     _check_finite(model)
     if not any(m.kind.name in FOLDABLE for m in model.modules):
         raise LensError("This LoRA has no LoRA/LoHa/LoKr modules to quantize (only kinds applied "
                         "without alpha or relative to the base weight).")
-    dense = dense_metrics == "on" or (dense_metrics == "auto" and _dense_size(model) <= DENSE_BUDGET)
+    if dense_metrics is not None:
+        metrics = {"on": "exact", "off": "none", "auto": "auto"}[dense_metrics]
+    if metrics == "auto":
+        metrics = "exact" if _dense_size(model) <= DENSE_BUDGET else "sampled"
+    dense = metrics == "exact"
     results: list[ModuleResult] = []
     total = len(model.modules)
     threads = torch.get_num_threads()
@@ -80,7 +95,7 @@ def quantize_model(model, fmt: str = "int8", method: str = DEFAULT_METHOD, min_s
         if small and threads > 1:  # tiny matrices: thread start-up and contention cost more than the maths
             torch.set_num_threads(1)
         try:
-            res = quantize_module(m, fmt, method, dense, device)
+            res = quantize_module(m, fmt, method, dense, device, mae_max=metrics)
         finally:
             if small and threads > 1:
                 torch.set_num_threads(threads)
@@ -101,7 +116,7 @@ def quantize_model(model, fmt: str = "int8", method: str = DEFAULT_METHOD, min_s
     out = model.replace_modules({r.name: r.module for r in results if r.quantized})
     settings = {"format": fmt, "method": method, "min_snr_db": min_snr, "keep_below": bool(keep_below)}
     out.metadata = model.with_provenance("quantize", settings)
-    report = build_report(model, out, results, fmt, method, min_snr, keep_below, dense)
+    report = build_report(model, out, results, fmt, method, min_snr, keep_below, dense, metrics)
     return out, report
 
 
@@ -110,7 +125,7 @@ def _median(xs):
 
 
 def build_report(src: LoRAModel, out: LoRAModel, results: list[ModuleResult], fmt, method, min_snr,
-                 keep_below, dense) -> dict:
+                 keep_below, dense, metrics: str = "exact") -> dict:
     delta, tens = Stats(), Stats()
     snrs, below, methods, kept = [], [], {}, []
     zero = 0
@@ -148,8 +163,10 @@ def build_report(src: LoRAModel, out: LoRAModel, results: list[ModuleResult], fm
         "modules_kept": kept, "zero_modules": zero,
         "input_tensor_bytes": in_bytes, "output_tensor_bytes": out_bytes,
         "size_ratio": out_bytes / in_bytes if in_bytes else None,
+        "metrics": delta.label if delta.count else METRIC_LABEL[metrics],
         "delta": {**delta.as_dict(), "median_snr_db": _median(snrs),
-                  "min_snr_db": min(snrs) if snrs else None, "dense": bool(dense)},
+                  "min_snr_db": min(snrs) if snrs else None, "dense": bool(dense),
+                  "sampled_entries": delta.abs_n if delta.sampled else None},
         "stored": tens.as_dict(),
         "methods": methods,
         "below_threshold": below,
@@ -184,9 +201,14 @@ def format_report(rep: dict, per_module: int = 0) -> str:
     med = "n/a" if d["median_snr_db"] is None else f"{d['median_snr_db']:.2f} dB"
     mn = "n/a" if d["min_snr_db"] is None else f"{d['min_snr_db']:.2f} dB"
     lines.append(f"ΔW (what the model sees): {_metric_line(d)}; per-module SNR median {med}, min {mn}.")
-    if not d["dense"]:
-        lines.append("  (ΔW MAE and max error need the dense ΔW; skipped on this large file — "
-                     "use dense metrics 'on' / --dense-metrics on.)")
+    label = d.get("metrics", "exact" if d["dense"] else "snr-mse-only")
+    if label == "sampled-rows":
+        lines.append(f"  (SNR, MSE and relative error are exact, from the factors; ΔW MAE and max error are exact "
+                     f"on a deterministic sample of {SAMPLE_ROWS} rows per module ({d['sampled_entries']} ΔW "
+                     "entries), not on every entry — metrics 'exact' / --metrics exact computes them densely.)")
+    elif label == "snr-mse-only":
+        lines.append("  (SNR, MSE and relative error are exact, from the factors; ΔW MAE and max error were not "
+                     "computed — metrics 'exact' / --metrics exact computes them densely.)")
     lines.append(f"Stored tensors: {_metric_line(rep['stored'])}.")
     if rep["methods"]:
         lines.append("Methods: " + ", ".join(f"{k} {v}" for k, v in sorted(rep["methods"].items(), key=lambda kv: -kv[1])) + ".")

@@ -24,8 +24,8 @@ from ..kinds.base import as_float
 from ..kinds.lora import fold_mid
 from ..model import DTYPE_NAMES, LoRAModule
 from . import transforms
-from .codec import check_finite, decode, encode
-from .metrics import Stats, dense_stats, lowrank_error, lowrank_signal, tensor_stats
+from .codec import FORMATS, check_finite, decode, encode
+from .metrics import Stats, dense_stats, lowrank_error, row_sample_stats, tensor_stats
 
 FOLDABLE = ("lora", "loha", "lokr")
 PREDICT_MARGIN_DB = 3.0
@@ -84,63 +84,102 @@ def _method_label(method: str, r: int) -> str:
     return method + (f" ({transforms.rotation_name(r)})" if "rotate" in method else "")
 
 
-def _lora(m: LoRAModule, fmt: str, method: str, dense: bool, device) -> ModuleResult:
+def _encode(x: torch.Tensor, fmt: str, where: str):
+    """(stored tensor, scale, dequantized x̂ in x's dtype, x − x̂). Same maths as codec.encode (round(x/s),
+    s = max|x|/qmax), in as few passes as possible: this runs on every factor of a file."""
+    if not x.numel():
+        q, s = encode(x, fmt, where)
+        return q, s, x.clone(), x.clone()
+    lo, hi = torch.aminmax(x)
+    amax = max(-float(lo), float(hi))
+    if not math.isfinite(amax):
+        check_finite(x, where)
+    if amax == 0.0:
+        q, s = encode(x, fmt, where, amax=0.0)
+        return q, s, torch.zeros_like(x), x.clone()
+    dtype, qmax = FORMATS[fmt]
+    s = amax / qmax
+    y = x / s
+    if fmt == "int8":
+        y.round_().clamp_(-qmax, qmax)
+        q = y.to(dtype)
+        xq = y.mul_(s)  # y holds the integers exactly, so this equals decode(q, s)
+    else:
+        q = y.clamp_(-qmax, qmax).to(dtype)
+        xq = decode(q, s, x.dtype)
+    return q, s, xq, x - xq
+
+
+def _pair_metrics(b, a, bq, aq, eb, ea, scale: float, mode: str) -> Stats:
+    """ΔW stats of one quantized pair: SNR/MSE/relative error exact from the factors; MAE/max error on a row
+    sample ('sampled') or not at all ('none'; 'exact' modules get a dense pass afterwards)."""
+    err, signal = lowrank_error(b, a, bq, aq, scale, with_signal=True, eb=eb, ea=ea)
+    st = Stats(signal, err, None, None, b.shape[0] * a.shape[1])
+    if mode == "sampled":
+        rs = row_sample_stats(b, a, bq, aq, scale, eb=eb, ea=ea)
+        st.abs_sum, st.max_abs, st.abs_count, st.sampled = rs.abs_sum, rs.max_abs, rs.abs_count, rs.sampled
+    return st
+
+
+def _lora(m: LoRAModule, fmt: str, method: str, mode: str, device) -> ModuleResult:
     t = m.tensors
     up, down, mid = t["up"], t["down"], t.get("mid")
     r = int(down.shape[0])
     scale = m.scale()
     alpha_old = m.alpha if m.alpha is not None else float(r)
-    b = as_float(up, torch.float32, device).flatten(start_dim=1)
+    b = as_float(up, torch.float32, device).reshape(up.shape[0], -1)
     a = as_float(down, torch.float32, device)
     new = dict(t)
     tstats = Stats()
     if mid is not None:  # Tucker: three per-tensor scales, no rank-space transform (mid couples both sides)
         mf = as_float(mid, torch.float32, device)
-        qb, sb = encode(b, fmt, f"Module {m.name} (up)")
-        qa, sa = encode(a, fmt, f"Module {m.name} (down)")
-        qm, sm = encode(mf, fmt, f"Module {m.name} (mid)")
-        bq, aq, mq = decode(qb, sb), decode(qa, sa), decode(qm, sm)
+        qb, sb, bq, eb = _encode(b, fmt, f"Module {m.name} (up)")
+        qa, sa, aq, ea = _encode(a, fmt, f"Module {m.name} (down)")
+        qm, sm, mq, em = _encode(mf, fmt, f"Module {m.name} (mid)")
         af, aqf = fold_mid(a, mf), fold_mid(aq, mq)
-        signal = lowrank_signal(b, af, scale)
-        err = lowrank_error(b, af, bq, aqf, scale)
-        for x, xq in ((b, bq), (a, aq), (mf, mq)):
-            tstats.add(tensor_stats(x, xq))
+        delta = _pair_metrics(b, af, bq, aqf, eb, None, scale, mode)
+        for x, xq, e in ((b, bq, eb), (a, aq, ea), (mf, mq, em)):
+            tstats.add(tensor_stats(x, xq, e))
         new.update(up=qb.reshape(up.shape).cpu(), down=qa.reshape(down.shape).cpu(), mid=qm.cpu())
         s_total, chosen = sb * sa * sm, "naive (Tucker)"
-        count = b.shape[0] * af.shape[1]
     else:
-        a = a.flatten(start_dim=1)
+        a = a.reshape(r, -1)
         cands = _candidates(method)
-        prepared = {c: transforms.apply(c, b, a) for c in cands}
-        stats = {c: (_amax_norm(prepared[c][0]), _amax_norm(prepared[c][1])) for c in cands}
-        for c in cands:
-            if not all(math.isfinite(v) for pair in stats[c] for v in pair):
-                check_finite(b, f"Module {m.name} (up)")
-                check_finite(a, f"Module {m.name} (down)")
-        if len(cands) > 1 and fmt == "int8":
-            preds = {c: predicted_noise(*prepared[c], stats=stats[c]) for c in cands}
-            best_pred = min(preds.values())
-            cands = [c for c in cands if preds[c] <= best_pred * 10 ** (PREDICT_MARGIN_DB / 10)]
+        if len(cands) > 1:
+            prepared = {c: transforms.apply(c, b, a) for c in cands}
+            stats = {c: (_amax_norm(prepared[c][0]), _amax_norm(prepared[c][1])) for c in cands}
+            for c in cands:
+                if not all(math.isfinite(v) for pair in stats[c] for v in pair):
+                    check_finite(b, f"Module {m.name} (up)")
+                    check_finite(a, f"Module {m.name} (down)")
+            if fmt == "int8":
+                preds = {c: predicted_noise(*prepared[c], stats=stats[c]) for c in cands}
+                best_pred = min(preds.values())
+                cands = [c for c in cands if preds[c] <= best_pred * 10 ** (PREDICT_MARGIN_DB / 10)]
+        else:
+            prepared = {cands[0]: transforms.apply(cands[0], b, a)}
         best = None
         for c in cands:
             bt, at = prepared[c]
-            qb, sb = encode(bt, fmt, f"Module {m.name} (up)", amax=stats[c][0][0])
-            qa, sa = encode(at, fmt, f"Module {m.name} (down)", amax=stats[c][1][0])
-            bq, aq = decode(qb, sb), decode(qa, sa)
-            err, sig = lowrank_error(bt, at, bq, aq, scale, with_signal=True)
+            qb, sb, bq, eb = _encode(bt, fmt, f"Module {m.name} (up)")
+            qa, sa, aq, ea = _encode(at, fmt, f"Module {m.name} (down)")
+            err, sig = lowrank_error(bt, at, bq, aq, scale, with_signal=True, eb=eb, ea=ea, qb=qb, sb=sb, qa=qa, sa=sa)
             if best is None or err < best[0]:
-                best = (err, sig, c, bt, at, qb, sb, qa, sa, bq, aq)
+                best = (err, sig, c, bt, at, qb, sb, qa, sa, bq, aq, eb, ea)
         prepared = None
-        err, signal, chosen, bt, at, qb, sb, qa, sa, bq, aq = best
-        tstats.add(tensor_stats(bt, bq)).add(tensor_stats(at, aq))
+        err, signal, chosen, bt, at, qb, sb, qa, sa, bq, aq, eb, ea = best
+        delta = Stats(signal, err, None, None, bt.shape[0] * at.shape[1])
+        if mode == "sampled":
+            rs = row_sample_stats(bt, at, bq, aq, scale, eb=eb, ea=ea)
+            delta.abs_sum, delta.max_abs, delta.abs_count, delta.sampled = (rs.abs_sum, rs.max_abs, rs.abs_count,
+                                                                              rs.sampled)
+        tstats.add(tensor_stats(bt, bq, eb)).add(tensor_stats(at, aq, ea))
         new.update(up=qb.reshape(up.shape).cpu(), down=qa.reshape(down.shape).cpu())
         s_total, chosen = sb * sa, _method_label(chosen, r)
-        count = b.shape[0] * a.shape[1]
     alpha_new = alpha_old * s_total
     new["alpha"] = _alpha_tensor(alpha_new)
     mod = m.with_tensors(new)
-    delta = Stats(signal, err, None, None, count)
-    if dense:
+    if mode == "exact":
         w = _dense_dtype(m)
         delta = dense_stats(m.delta(w, device), mod.delta(w, device))
     return ModuleResult(m.name, m.kind.name, mod, chosen, fmt, delta, tstats, alpha=float(new["alpha"]))
@@ -164,7 +203,7 @@ def _factor_roles(m: LoRAModule) -> list[str]:
     return [r for r in m.tensors if r.startswith(prefix)]
 
 
-def _product_kind(m: LoRAModule, fmt: str, method: str, dense: bool, device) -> ModuleResult:
+def _product_kind(m: LoRAModule, fmt: str, method: str, device) -> ModuleResult:
     """LoHa and LoKr: every factor gets its own scale; scales fold into alpha (or into a float carrier)."""
     roles = _factor_roles(m)
     w = _dense_dtype(m)
@@ -217,16 +256,26 @@ def _product_kind(m: LoRAModule, fmt: str, method: str, dense: bool, device) -> 
     return ModuleResult(m.name, m.kind.name, mod, label, fmt, st, tstats, note=note, alpha=alpha)
 
 
+MAE_MODES = ("exact", "sampled", "none")
+
+
 def quantize_module(m: LoRAModule, fmt: str = "int8", method: str = "auto", dense: bool = False,
-                    device="cpu") -> ModuleResult:
-    """Quantize one module; non-foldable kinds come back unchanged with quantized=False."""
+                    device="cpu", mae_max: str | None = None) -> ModuleResult:
+    """Quantize one module; non-foldable kinds come back unchanged with quantized=False.
+
+    ΔW SNR, MSE and relative error are always exact. `mae_max` says how ΔW MAE and max error are obtained:
+    "exact" (dense ΔW), "sampled" (exactly, on a deterministic sample of rows) or "none"; default from the
+    older `dense` flag (True: exact, False: none). LoHa/LoKr are always measured densely (exact)."""
     if method not in ("auto",) + transforms.METHODS:
         raise LensError(f"Unknown method {method!r}; use auto, {', '.join(transforms.METHODS)}.")
+    mode = mae_max or ("exact" if dense else "none")
+    if mode not in MAE_MODES:
+        raise LensError(f"Unknown MAE/max-error mode {mode!r}; use {', '.join(MAE_MODES)}.")
     kind = m.kind.name
     if kind == "lora":
-        return _lora(m, fmt, method, dense, device)
+        return _lora(m, fmt, method, mode, device)
     if kind in ("loha", "lokr"):
-        return _product_kind(m, fmt, method, dense, device)
+        return _product_kind(m, fmt, method, device)
     why = {"diff": "full diff: ComfyUI applies it without alpha", "norm": "norm diff: applied without alpha",
            "set": "set_weight replaces the weight", "unknown": "not a LoRA module this tool understands"}
     reason = why.get(kind, "its change depends on the base weight")

@@ -60,30 +60,47 @@ def rotation_name(r: int) -> str:
     return "Hadamard" if r & (r - 1) == 0 else "seeded random orthogonal"
 
 
-def rotate(b: torch.Tensor, a: torch.Tensor):
-    """(b@Q, Qᵀ@a). Ranks that are multiples of BLOCK (above it) use interleaved blocks: rank component j
-    goes to block j mod (r/BLOCK), so every block mixes large and small components of a decaying spectrum;
-    this costs 2·BLOCK instead of 2·r flops per element and measured as good as a full Hadamard."""
+def _block_matrices(r: int, d: torch.Tensor | None, dtype, device):
+    """(M_b, M_a) for b' = b·diag(d)·Q and a' = Qᵀ·diag(d)⁻¹·a, with the diagonal folded into Q (no extra pass
+    over the factors). Full rotation: r×r matrices; interleaved blocks: (r/BLOCK, BLOCK, BLOCK) stacks."""
+    bs = _block_plan(r)
+    h = _orthogonal_cpu(bs).to(device=device, dtype=dtype)
+    if bs == r:
+        if d is None:
+            return h, h.transpose(0, 1)
+        return d.unsqueeze(1) * h, h.transpose(0, 1) / d.unsqueeze(0)
+    nb = r // bs
+    if d is None:
+        return h.expand(nb, bs, bs), h.transpose(0, 1).expand(nb, bs, bs)
+    dk = d.reshape(bs, nb).transpose(0, 1)  # dk[k, i] = d[i·nb + k]: the scale of block k's i-th column
+    return dk.unsqueeze(2) * h, h.transpose(0, 1).unsqueeze(0) / dk.unsqueeze(1)
+
+
+def rotate(b: torch.Tensor, a: torch.Tensor, d: torch.Tensor | None = None):
+    """(b·D·Q, Qᵀ·D⁻¹·a) with D = diag(d) (identity when d is None). Ranks that are multiples of BLOCK (above
+    it) use interleaved blocks: rank component j goes to block j mod (r/BLOCK), so every block mixes large and
+    small components of a decaying spectrum; this costs 2·BLOCK instead of 2·r flops per element and measured as
+    good as a full Hadamard. Column j = i·nb + k of b is column i of block k, so the blocks are a reshape of b
+    (no gather) and one batched product per factor."""
     r = b.shape[1]
     bs = _block_plan(r)
-    h = _orthogonal_cpu(bs).to(device=b.device, dtype=b.dtype)
+    mb, ma = _block_matrices(r, d, b.dtype, b.device)
     if bs == r:
-        return b @ h, h.transpose(0, 1) @ a
+        return b @ mb, ma @ a
     nb = r // bs
-    perm = torch.arange(r, device=b.device).reshape(bs, nb).transpose(0, 1).reshape(-1)
-    b2 = (b[:, perm].reshape(b.shape[0], nb, bs) @ h).reshape(b.shape[0], r)
-    a2 = (h.transpose(0, 1) @ a[perm].reshape(nb, bs, a.shape[1])).reshape(r, a.shape[1])
+    n, m = b.shape[0], a.shape[1]
+    b2 = torch.matmul(b.reshape(n, bs, nb).permute(2, 0, 1), mb)        # (nb, n, bs)
+    b2 = b2.permute(1, 0, 2).reshape(n, r)
+    a2 = torch.matmul(ma, a.reshape(bs, nb, m).permute(1, 0, 2)).reshape(r, m)  # (nb, bs, m)
     return b2, a2
 
 
 def rebalance_diag(b: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     """d with (b·d) column norms equal to (a/d) row norms; 1 where either side is zero."""
-    nb = b.norm(dim=0)
-    na = a.norm(dim=1)
+    nb = (b * b).sum(0)
+    na = (a * a).sum(1)
     ok = (nb > 0) & (na > 0)
-    d = torch.ones_like(nb)
-    d[ok] = (na[ok] / nb[ok]).sqrt()
-    return d
+    return torch.where(ok, (na / torch.where(ok, nb, 1.0)).sqrt().sqrt(), 1.0)
 
 
 def apply(method: str, b: torch.Tensor, a: torch.Tensor):
@@ -92,9 +109,7 @@ def apply(method: str, b: torch.Tensor, a: torch.Tensor):
         return b, a
     if method not in METHODS:
         raise ValueError(method)
-    if "rebalance" in method:
-        d = rebalance_diag(b, a)
-        b, a = b * d, a / d.unsqueeze(1)
+    d = rebalance_diag(b, a) if "rebalance" in method else None
     if "rotate" in method:
-        b, a = rotate(b, a)
-    return b, a
+        return rotate(b, a, d)
+    return b * d, a / d.unsqueeze(1)
