@@ -128,11 +128,24 @@ def test_empty_overlap_is_refused():
         scan(a, b)
 
 
-def test_sgm_vs_diffusers_block_names_refused_honestly():
+def test_sgm_vs_diffusers_block_names_now_pair():
     up, down = pair(40, 40, 4, gen(0))
     a = LoRAModel.from_state_dict({"lora_unet_input_blocks_1_1_transformer_blocks_0_attn1_to_q.lora_up.weight": up,
                                    "lora_unet_input_blocks_1_1_transformer_blocks_0_attn1_to_q.lora_down.weight": down})
     b = LoRAModel.from_state_dict(peft(SD15_LAYERS[:1], [(up, down)]))
+    rep = scan(a, b)
+    (name, e), = rep["modules"].items()
+    assert name.startswith("lora_unet_input_blocks_1_1") and e["name_b"] == SD15_LAYERS[0][1]
+    assert e["cosine"] == pytest.approx(1, abs=1e-6) and not rep["warnings"]
+
+
+def test_unmapped_vocabularies_refused_honestly():
+    up, down = pair(40, 40, 4, gen(0))
+    a = LoRAModel.from_state_dict({"lora_unet_double_blocks_21_img_attn_proj.lora_up.weight": up,
+                                   "lora_unet_double_blocks_21_img_attn_proj.lora_down.weight": down})
+    b = LoRAModel.from_state_dict({"transformer.transformer_blocks.21.attn.to_out.0.lora_B.weight": up,
+                                   "transformer.transformer_blocks.21.attn.to_out.0.lora_A.weight": down})
+    assert a.architecture.id == "hunyuan_video"
     with pytest.raises(LensError, match="not implemented"):
         scan(a, b)
 

@@ -14,10 +14,12 @@ import torch
 from ..errors import LensError
 from ..kinds import UNKNOWN
 from ..model import LoRAModel, ensure_model
-from ..conflict.matching import canonical_key, check_architectures, scheme_of, SCHEME_WORDS
+from ..conflict.crossnames import OutputSlot, RowSlice, RowStack
+from ..conflict.matching import (check_architectures, common_architecture, cross_scheme_warning, layer_units,
+                                  scheme_of)
 from ..conflict.metrics import small_maths
 from .methods import (concat_factors, dare_merge, dense_to_factors, randomized_blend, svd_blend, ties_merge)
-from .output import OutputStyle, StreamedModules, merged_metadata
+from .output import OutputStyle, merged_metadata
 from .weights import LayerFilter, parse_block_weights
 
 METHODS = ("concat", "svd", "pca", "randomized", "ties", "dare")
@@ -66,16 +68,14 @@ def blend(loras: list, weights: list[float], method: str = "concat", rank: int =
           include: str | None = None, exclude: str | None = None, excluded_keep: str = "none",
           block_weights: str | None = None, density: float = 0.5, seed: int = 0,
           compute_dtype: torch.dtype = torch.float32, allow_disjoint: bool = False,
-          progress: Callable[[int, int], None] | None = None, sink: Callable | None = None):
+          progress: Callable[[int, int], None] | None = None):
     """Blend LoRAs (LoRAModel or LORA_MODEL dicts) at strengths `weights`. Returns (LoRAModel, report dict).
 
     method: concat | svd | pca (= randomized) | ties | dare; rank: target rank (0 = exact / keep everything);
     include/exclude: module names or regexes, one per line (the ConflictScan problem list works as is);
     excluded_keep: 'none' drops excluded modules, 'first' keeps the first LoRA's module at its strength;
     block_weights: SD.Next-style string (te=…, unet=…, in=…, mid=…, out=…, double0-9=…, single=…);
-    density: kept fraction for TIES/DARE; seed: DARE's random seed (reproducible);
-    sink: called with each output module as soon as it is made (e.g. to write it to a file); the returned model
-    then holds shape-only (meta) tensors, so the result is never all in memory (see `blend_to_file`)."""
+    density: kept fraction for TIES/DARE; seed: DARE's random seed (reproducible)."""
     method = method.lower()
     if method not in METHODS:
         raise LensError(f"Unknown blend method {method!r}; use one of {', '.join(METHODS)}.")
@@ -98,38 +98,39 @@ def blend(loras: list, weights: list[float], method: str = "concat", rank: int =
     bw = parse_block_weights(block_weights)
     style = OutputStyle(models[0])
 
-    # ---- pair modules across inputs by canonical target, in the first LoRA's order, then the others'
+    # ---- pair modules across inputs by the layer they change (any vocabulary, fused ↔ split), in the first
+    # LoRA's order, then the others'
+    unknown_first = [mod for mod in models[0].modules if mod.kind is UNKNOWN]
+    labels = [_label(m, i) for i, m in enumerate(models)]
+    units = layer_units(models, labels, for_output=True)
     groups: dict[str, list] = {}
-    unknown_first = []
-    for i, m in enumerate(models):
-        seen = set()
-        for mod in m.modules:
-            if mod.kind is UNKNOWN:
-                if i == 0:
-                    unknown_first.append(mod)
-                continue
-            key = canonical_key(mod)
-            if key in seen:
-                raise LensError(f"{_label(m, i)} holds two modules for the same layer ({key}); remove the duplicate.")
-            seen.add(key)
-            groups.setdefault(key, [None] * len(models))[i] = mod
+    stubs: dict[str, OutputSlot] = {}
+    for u in units:
+        key = u.key
+        while key in groups:
+            key += "'"
+        groups[key] = u.members
+        if u.stub is not None:
+            stubs[key] = OutputSlot(*u.stub, style)
     shared = [k for k, g in groups.items() if sum(x is not None for x in g) > 1]
     schemes = [{s for mod in m.modules if (s := scheme_of(mod))} for m in models]
+    arch = common_architecture(models)
     warnings = []
     for i in range(1, len(models)):
-        if schemes[0] and schemes[i] and not (schemes[0] & schemes[i]):
-            warnings.append(f"{_label(models[0], 0)} uses {', '.join(SCHEME_WORDS[s] for s in sorted(schemes[0]))} "
-                            f"and {_label(models[i], i)} uses {', '.join(SCHEME_WORDS[s] for s in sorted(schemes[i]))}; "
-                            "mapping between them is not implemented, so their diffusion-model modules are not paired "
-                            "but carried side by side (ComfyUI applies both, so the result is still the stacked sum).")
+        w = cross_scheme_warning(labels[0], schemes[0], labels[i], schemes[i], arch,
+                                 "their diffusion-model modules are not paired but carried side by side (ComfyUI "
+                                 "applies both, so the result is still the stacked sum).")
+        if w:
+            warnings.append(w)
     if not shared and not allow_disjoint:
         raise LensError("The LoRAs change no layer in common, so there is nothing to blend"
                         + (f": {warnings[0]}" if warnings else ".")
                         + " Pass allow_disjoint to combine them anyway.")
-    known = {k for k in groups} | {mod.name for g in groups.values() for mod in g if mod is not None}
+    known = {k for k in groups} | {n for g in groups.values() for mod in g if mod is not None
+                                   for n in (mod.name, *getattr(mod, 'source_names', ()))}
     filt = LayerFilter(include, exclude, known)
 
-    out_modules = StreamedModules(sink) if sink is not None else []
+    out_modules = []
     stats = {"blended": 0, "carried": 0, "excluded": 0, "kept_first_excluded": 0, "zero_weight": 0,
              "dense_modules": 0, "renamed": 0, "kept_own_names": 0}
     errors = {}
@@ -139,7 +140,7 @@ def blend(loras: list, weights: list[float], method: str = "concat", rank: int =
     with torch.no_grad(), small_maths(device, busy_only=True):
         for step, (key, group) in enumerate(groups.items()):
             present = [(i, mod) for i, mod in enumerate(group) if mod is not None]
-            names = [key] + [mod.name for _, mod in present]
+            names = [key] + [n for _, mod in present for n in (mod.name, *getattr(mod, 'source_names', ()))]
             ref = present[0][1]
             mult = bw.multiplier(ref) if bw else 1.0
             if filt and not filt.keep(names):
@@ -154,9 +155,17 @@ def blend(loras: list, weights: list[float], method: str = "concat", rank: int =
                 stats["zero_weight"] += 1
                 _tick(progress, step, total)
                 continue
+            if group[0] is None and key not in stubs and any(isinstance(m, (RowSlice, RowStack)) for _, m in present):
+                raise LensError(f"{present[0][1].name} has to be split or fused to meet the other LoRAs, but the first "
+                                "LoRA gives no naming to follow; put a LoRA that changes the diffusion model first.")
             if len(contrib) == 1:
                 i, mod, c = contrib[0]
-                if i == 0 or group[0] is None:
+                view = isinstance(mod, (RowSlice, RowStack))
+                if key in stubs and i != 0 and (view or (mod.kind.name == "lora" and not mod.is_dora)):
+                    # written under its name in the first LoRA's vocabulary (exactly, from its factors)
+                    out_modules.append(_blend_module(key, stubs[key], [(mod, c)], "concat", 0, device,
+                                                     compute_dtype, style, density, seed, errors, stats))
+                elif i == 0 or (group[0] is None and not view):
                     out_modules.append(_carry(mod, c, style, i == 0, renamed_counter))
                 else:  # the first LoRA has the layer at weight 0: write the other's module under the first's name
                     out_modules.append(_blend_module(key, group[0], [(mod, c)], method, rank, device, compute_dtype,
@@ -167,7 +176,7 @@ def blend(loras: list, weights: list[float], method: str = "concat", rank: int =
                     ranks.add(r)
                 _tick(progress, step, total)
                 continue
-            target = group[0] if group[0] is not None else contrib[0][1]
+            target = group[0] if group[0] is not None else stubs.get(key, contrib[0][1])
             out = _blend_module(key, target, [(mod, c) for _, mod, c in contrib], method, rank, device,
                                 compute_dtype, style, density, seed, errors, stats)
             out_modules.append(out)
