@@ -70,6 +70,27 @@ def test_sdxl_fp16_blend_applies_like_stacking(comfy_inproc):
         assert float((d_blend - d_stack).norm() / d_stack.norm()) < 2e-3, key
 
 
+@pytest.mark.parametrize("method", ["concat", "svd"])
+def test_int8_blend_applies_like_stacking_the_int8_loras(comfy_inproc, method):
+    """Two QuantizeInt8 LoRAs (int8 factors, tiny folded alphas), one layer only in the first: ComfyUI applying
+    the fp16 blend equals ComfyUI applying both int8 files stacked, within fp16 rounding of the factors."""
+    from lens_ops.quantize import quantize_model
+    comfy = comfy_inproc.comfy
+    f1, f2 = make_pair(r1=6, r2=4, seed=9)
+    qa, _ = quantize_model(LoRAModel.from_state_dict(kohya(SD15_LAYERS, f1, dtype=torch.float16)))
+    qb, _ = quantize_model(LoRAModel.from_state_dict(kohya(SD15_LAYERS[:-1], f2[:-1], dtype=torch.float16)))
+    sa, sb = dict(qa.state_dict()), dict(qb.state_dict())
+    assert any(v.dtype == torch.int8 for v in sa.values()) and min(m.alpha for m in qa.modules) < 1e-3
+    to_load = {kn: f"w{i}" for i, (kn, _, _, _) in enumerate(SD15_LAYERS)}
+    base = _base(SD15_LAYERS, seed=2)
+    stacked = _stacked(comfy, [sa, sb], [0.7, -0.4], to_load, base)
+    model, _ = blend([qa, qb], [0.7, -0.4], method, 0)
+    applied = comfy_inproc(model.state_dict(), to_load, base, 1.0)
+    for key in base:
+        d_stack, d_blend = stacked[key] - base[key], applied[key] - base[key]
+        assert float((d_blend - d_stack).norm() / d_stack.norm()) < 2e-3, key
+
+
 def test_conflict_scan_feeds_blend_through_prompt(comfy_server):
     f1, f2 = make_pair(r1=6, r2=4, seed=8)
     f2[0] = (-f1[0][0], f1[0][1])          # layer 0 opposed: a problem layer
