@@ -89,16 +89,7 @@ def quantize_model(model, fmt: str = "int8", method: str = DEFAULT_METHOD, min_s
     dense = metrics == "exact"
     results: list[ModuleResult] = []
     total = len(model.modules)
-    threads = torch.get_num_threads()
-    for i, m in enumerate(model.modules):
-        small = sum(t.numel() for t in m.tensors.values()) < SMALL_MODULE
-        if small and threads > 1:  # tiny matrices: thread start-up and contention cost more than the maths
-            torch.set_num_threads(1)
-        try:
-            res = quantize_module(m, fmt, method, dense, device, mae_max=metrics)
-        finally:
-            if small and threads > 1:
-                torch.set_num_threads(threads)
+    for i, (m, res) in enumerate(_quantize_all(model.modules, fmt, method, dense, device, metrics)):
         if res.quantized and keep_below:
             snr = res.delta.snr_db
             if snr is not None and snr < min_snr:
@@ -118,6 +109,47 @@ def quantize_model(model, fmt: str = "int8", method: str = DEFAULT_METHOD, min_s
     out.metadata = model.with_provenance("quantize", settings)
     report = build_report(model, out, results, fmt, method, min_snr, keep_below, dense, metrics)
     return out, report
+
+
+def _quantize_all(modules, fmt, method, dense, device, metrics):
+    """(module, result) in file order. On a CPU with several torch threads, modules are quantized side by side
+    in that many worker threads with one torch thread each (per-module matrices are small: splitting each
+    product over threads wastes more than it gains, while modules are independent). The results do not
+    depend on this (every module's maths runs the same single-threaded way)."""
+    threads = torch.get_num_threads()
+    on_cpu = torch.device(device).type == "cpu"
+    if not on_cpu or threads < 2 or len(modules) < 2:
+        for m in modules:
+            small = sum(t.numel() for t in m.tensors.values()) < SMALL_MODULE
+            if small and threads > 1:  # tiny matrices: thread start-up and contention cost more than the maths
+                torch.set_num_threads(1)
+            try:
+                res = quantize_module(m, fmt, method, dense, device, mae_max=metrics)
+            finally:
+                if small and threads > 1:
+                    torch.set_num_threads(threads)
+            yield m, res
+        return
+    from concurrent.futures import ThreadPoolExecutor
+    torch.set_num_threads(1)
+    ex = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="lens-quantize")
+    try:
+        # a bounded window of submitted modules keeps at most ~2 per worker in flight (memory stays per-module)
+        window, futs, it = 2 * threads, [], iter(modules)
+        for m in it:
+            futs.append((m, ex.submit(quantize_module, m, fmt, method, dense, device, mae_max=metrics)))
+            if len(futs) >= window:
+                break
+        while futs:
+            m, f = futs.pop(0)
+            res = f.result()
+            nxt = next(it, None)
+            if nxt is not None:
+                futs.append((nxt, ex.submit(quantize_module, nxt, fmt, method, dense, device, mae_max=metrics)))
+            yield m, res
+    finally:
+        ex.shutdown(wait=True, cancel_futures=True)
+        torch.set_num_threads(threads)
 
 
 def _median(xs):
