@@ -282,6 +282,11 @@ def lowrank_metrics_batch(b1, a1, b2, a2, s1, s2) -> list[dict]:
     n, m = b1.shape[1], a1.shape[2]
     gb11, gb12, gb22 = _sym_gram(b1).double(), (b1.mT @ b2).double(), _sym_gram(b2).double()
     ga11, ga12, ga22 = _sym_gram(a1.mT).double(), (a1 @ a2.mT).double(), _sym_gram(a2.mT).double()
+    with small_maths(gb11.device):          # r×r LAPACK work: one thread (see small_maths)
+        return _batch_from_grams(gb11, gb12, gb22, ga11, ga12, ga22, s1, s2, n, m)
+
+
+def _batch_from_grams(gb11, gb12, gb22, ga11, ga12, ga22, s1, s2, n, m) -> list[dict]:
     dev = gb11.device
     s1t = torch.tensor([float(x) for x in s1], dtype=torch.float64, device=dev)
     s2t = torch.tensor([float(x) for x in s2], dtype=torch.float64, device=dev)
