@@ -99,3 +99,24 @@ def test_batch_kernel_equals_single_module_kernel():
                 assert got[j][k] == pytest.approx(v, rel=1e-6, abs=1e-9), (j, k)
             else:
                 assert got[j][k] == v, (j, k)
+
+
+def test_batched_scan_of_int8_factors_equals_dense_float64():
+    g = gen(21)
+    q = lambda t: (t / t.abs().max() * 127).round().to(torch.int8)
+    names = [f"lora_unet_up_blocks_1_attentions_0_transformer_blocks_{i}_attn2_to_v" for i in range(4)]
+    sa, sb, refs = {}, {}, []
+    for name in names:
+        u1, d1 = pair(40, 56, 6, g, eff=2.0)
+        u2, d2 = pair(40, 56, 6, g, eff=2.0)
+        u2[:, :2] = -u1[:, :2]
+        d2[:2] = d1[:2]
+        for sd, (u, d), alpha in ((sa, (u1, d1), 3e-7), (sb, (u2, d2), 5e-6)):     # tiny folded alphas
+            sd[name + ".lora_up.weight"], sd[name + ".lora_down.weight"] = q(u), q(d)
+            sd[name + ".alpha"] = torch.tensor(alpha)
+        refs.append((q(u1).double() @ q(d1).double() * (3e-7 / 6), q(u2).double() @ q(d2).double() * (5e-6 / 6)))
+    rep = scan(LoRAModel.from_state_dict(sa), LoRAModel.from_state_dict(sb))
+    for name, (r1, r2) in zip(names, refs):
+        got, ref = rep["modules"][name], _dense(r1, r2)
+        assert abs(got["cosine"] - ref["cosine"]) < 1e-5 and got["cosine"] < -0.05
+        assert got["norm_a"] == pytest.approx(ref["norm_a"], rel=1e-5)
