@@ -19,7 +19,7 @@ from ..conflict.matching import (check_architectures, common_architecture, cross
                                   scheme_of)
 from ..conflict.metrics import small_maths
 from .methods import (concat_factors, dare_merge, dense_to_factors, randomized_blend, svd_blend, ties_merge)
-from .output import OutputStyle, merged_metadata
+from .output import OutputStyle, StreamedModules, merged_metadata
 from .weights import LayerFilter, parse_block_weights
 
 METHODS = ("concat", "svd", "pca", "randomized", "ties", "dare")
@@ -68,14 +68,16 @@ def blend(loras: list, weights: list[float], method: str = "concat", rank: int =
           include: str | None = None, exclude: str | None = None, excluded_keep: str = "none",
           block_weights: str | None = None, density: float = 0.5, seed: int = 0,
           compute_dtype: torch.dtype = torch.float32, allow_disjoint: bool = False,
-          progress: Callable[[int, int], None] | None = None):
+          progress: Callable[[int, int], None] | None = None, sink: Callable | None = None):
     """Blend LoRAs (LoRAModel or LORA_MODEL dicts) at strengths `weights`. Returns (LoRAModel, report dict).
 
     method: concat | svd | pca (= randomized) | ties | dare; rank: target rank (0 = exact / keep everything);
     include/exclude: module names or regexes, one per line (the ConflictScan problem list works as is);
     excluded_keep: 'none' drops excluded modules, 'first' keeps the first LoRA's module at its strength;
     block_weights: SD.Next-style string (te=…, unet=…, in=…, mid=…, out=…, double0-9=…, single=…);
-    density: kept fraction for TIES/DARE; seed: DARE's random seed (reproducible)."""
+    density: kept fraction for TIES/DARE; seed: DARE's random seed (reproducible);
+    sink: called with each output module as soon as it is made (e.g. to write it to a file); the returned model
+    then holds shape-only (meta) tensors, so the result is never all in memory (see `blend_to_file`)."""
     method = method.lower()
     if method not in METHODS:
         raise LensError(f"Unknown blend method {method!r}; use one of {', '.join(METHODS)}.")
@@ -130,7 +132,7 @@ def blend(loras: list, weights: list[float], method: str = "concat", rank: int =
                                    for n in (mod.name, *getattr(mod, 'source_names', ()))}
     filt = LayerFilter(include, exclude, known)
 
-    out_modules = []
+    out_modules = StreamedModules(sink) if sink is not None else []
     stats = {"blended": 0, "carried": 0, "excluded": 0, "kept_first_excluded": 0, "zero_weight": 0,
              "dense_modules": 0, "renamed": 0, "kept_own_names": 0}
     errors = {}
