@@ -40,17 +40,17 @@ VARIANTS = {"default": [], "naive": ["--method", "naive"], "auto": ["--method", 
             "exact": ["--metrics", "exact"]}
 
 
-def quality(layouts):
+def quality(layouts, methods=METHODS):
     import torch  # noqa: F401
     from lens_ops import LoRAModel
-    from lens_ops.quantize import quantize_model
+    from lens_ops.quantize import DEFAULT_METHOD, quantize_model
     rows = []
     for layout, rank in layouts:
         src = generated(layout, rank)
         model = LoRAModel.load(src)
         size_in = os.path.getsize(src)
         naive_med = None
-        for meth in METHODS:
+        for meth in methods:
             t = time.perf_counter()
             out, rep = quantize_model(model, method=meth)
             secs = time.perf_counter() - t
@@ -61,8 +61,11 @@ def quality(layouts):
             snrs = [p["delta"]["snr_db"] for p in rep["per_module"] if isinstance(p["delta"]["snr_db"], float)]
             med = statistics.median(snrs)
             naive_med = med if meth == "naive" else naive_med
+            if naive_med is None:
+                raise SystemExit("--quality-methods must start with naive (the reference)")
             used = ", ".join(f"{k} {v}" for k, v in sorted(rep["methods"].items(), key=lambda kv: -kv[1]))
-            rows.append([f"{layout} r{rank}", meth, f"{med:.2f}", f"{min(snrs):.2f}", f"{med - naive_med:+.2f}",
+            label = meth + (" (default)" if meth == DEFAULT_METHOD else "")
+            rows.append([f"{layout} r{rank}", label, f"{med:.2f}", f"{min(snrs):.2f}", f"{med - naive_med:+.2f}",
                          f"{rep['delta']['snr_db']:.2f}", f"{100 * ratio:.1f} %", f"{secs:.1f}", used])
             print(" | ".join(rows[-1]), flush=True)
     print()
@@ -129,6 +132,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quality", action="store_true")
     ap.add_argument("--time", action="store_true")
+    ap.add_argument("--quality-methods", default=",".join(METHODS),
+                    help="comma-separated methods for --quality (naive first: it is the reference)")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--time-rank", type=int, default=128)
     ap.add_argument("--time-methods", default="default",
@@ -138,7 +143,7 @@ def main():
     a = ap.parse_args()
     both = not (a.quality or a.time)
     if a.quality or both:
-        quality([("sdxl_kohya", 32), ("flux_kohya", 64)])
+        quality([("sdxl_kohya", 32), ("flux_kohya", 64)], a.quality_methods.split(","))
     if a.time or both:
         timing(a.time_rank, a.runs, a.time_methods.split(","), a.slice, a.threads)
 
