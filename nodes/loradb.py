@@ -114,9 +114,11 @@ class PackLoRADB:
                 "tags": ("STRING", {"default": "", "tooltip": "Comma-separated tags (e.g. fantasy, character, SDXL)."}),
                 "optimisation": (OPTIMISE, {"default": OPTIMISE[0],
                                             "tooltip": "none: lossless (bit-exact extraction). prune recipe: "
-                                                       "PruneRank each LoRA first. int8: int8 factors with alpha "
-                                                       "folded (QuantizeInt8). Lossy entries store their measured "
-                                                       "ΔW error."}),
+                                                       "PruneRank each LoRA first. int8: every module stored as "
+                                                       "quantised coefficient codes (int8/int16, entropy coded), "
+                                                       "the error budget water-filled across the whole LoRA; "
+                                                       "extraction gives a standard fp16 LoRA. Lossy entries "
+                                                       "store their measured ΔW error."}),
                 "recipe": ("STRING", {"default": "energy=0.9997",
                                       "tooltip": "PruneRank recipe used by the prune options (e.g. energy=0.9997, "
                                                  "rank=16, sv_fro=0.99)."}),
@@ -126,7 +128,8 @@ class PackLoRADB:
                                                                     "(lossy, within the SNR budget). auto: only where "
                                                                     "it saves bytes."}),
                 "snr_db": ("FLOAT", {"default": 35.0, "min": 10.0, "max": 120.0, "step": 0.5,
-                                     "tooltip": "Error budget of the lossy layers: ΔW SNR in dB per LoRA module."}),
+                                     "tooltip": "Error budget of the lossy layers: ΔW SNR in dB of each whole LoRA "
+                                                "(every entry is measured against its original)."}),
                 "overwrite": ("BOOLEAN", {"default": False,
                                           "tooltip": "Replace an existing <name>.loradb (otherwise a number is added)."}),
             },

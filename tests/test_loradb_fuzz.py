@@ -74,7 +74,7 @@ mutation = st.lists(st.tuples(st.integers(0, 2**31), st.integers(0, 255), st.int
 @settings(max_examples=2500, deadline=None, suppress_health_check=list(HealthCheck), database=None)
 @given(muts=mutation, cut=st.one_of(st.none(), st.integers(0, 2**31)))
 def test_mutated_files(seed_db, tmp_path_factory, muts, cut):
-    if _remaining() < 22:
+    if _remaining() < 28:
         return
     data, originals = seed_db
     b = bytearray(data)
@@ -109,7 +109,7 @@ json_val = st.recursive(json_leaf, lambda ch: st.one_of(st.lists(ch, max_size=5)
        value=json_val, table_part=st.integers(0, 5), tvalue=json_val)
 def test_hostile_header_json(seed_db, tmp_path_factory, field, value, table_part, tvalue):
     """Valid checksums, hostile content: entry records and table locations replaced by arbitrary JSON."""
-    if _remaining() < 5:
+    if _remaining() < 14:
         return
     data, originals = seed_db
     with open_collection_bytes(data, tmp_path_factory) as c:
@@ -141,6 +141,71 @@ def test_hostile_names_never_escape(seed_db, tmp_path):
         for w in res["written"]:
             assert os.path.dirname(os.path.abspath(w["path"])) == str(out)
     assert not (tmp_path / "evil.safetensors").exists()
+
+
+@pytest.fixture(scope="module")
+def lossy_db(tmp_path_factory):
+    """A small collection coded with quantised coefficients and a shared basis (qlr segments)."""
+    t0 = time.monotonic()
+    d = tmp_path_factory.mktemp("fuzzq")
+    base = make_lora("sd15_kohya", rank=4, seed=5, max_modules=2, dtype=torch.float32)
+    files = []
+    for i in range(2):
+        g = torch.Generator().manual_seed(i)
+        sd = {k: ((v + 0.05 * v.std() * torch.randn(v.shape, generator=g)) if "lora_up" in k else v).half()
+              for k, v in base.items()}
+        p = d / f"q{i}.safetensors"
+        save_file(sd, str(p), base.metadata)
+        files.append(str(p))
+    db = d / "q.loradb"
+    pack(str(db), files, int8=True, shared_basis="on")
+    data = db.read_bytes()
+    with open_collection(str(db)) as c:
+        header = json.loads(json.dumps(c.header))
+        from lens_ops.loradb.db import _table
+        table = _table(c.reader, c.entries[0])
+    assert any(seg[2] == "qlr" for seg in table["segments"] if isinstance(seg, list) and len(seg) == 8)
+    _START[0] += time.monotonic() - t0   # building the seed is not fuzzing time
+    return _Seed(data, header, table)
+
+
+class _Seed(tuple):
+    def __new__(cls, *items):
+        return super().__new__(cls, items)
+
+    def __repr__(self):
+        return "<lossy seed collection>"
+
+
+def _paths(obj, prefix=()):
+    """Every position inside the qlr segments of a table (to replace one with hostile JSON)."""
+    if isinstance(obj, list):
+        for i, x in enumerate(obj):
+            yield prefix + (i,)
+            yield from _paths(x, prefix + (i,))
+
+
+@settings(max_examples=800, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+@given(pick=st.integers(0, 2**31), value=json_val)
+def test_hostile_quantised_records(lossy_db, tmp_path_factory, pick, value):
+    """Valid checksums, hostile content inside the quantised-tensor (qlr) records of an entry table."""
+    if _remaining() < 3:
+        return
+    data, header, table = lossy_db
+    t = json.loads(json.dumps(table))
+    segs = [i for i, sg in enumerate(t["segments"]) if isinstance(sg, list) and len(sg) == 8 and sg[2] == "qlr"]
+    seg = t["segments"][segs[pick % len(segs)]]
+    paths = list(_paths(seg))
+    path = paths[(pick // 7) % len(paths)]
+    obj = seg
+    for k in path[:-1]:
+        obj = obj[k]
+    obj[path[-1]] = value
+    raw = json.dumps(t).encode()
+    stored = zstandard.ZstdCompressor().compress(raw)
+    h = json.loads(json.dumps(header))
+    h["entries"][0]["table"] = [len(data), len(stored), len(raw), "zstd", hashlib.sha256(raw).hexdigest()]
+    _check(_with_header(data + stored, h), str(tmp_path_factory.getbasetemp()), {})
 
 
 class open_collection_bytes:

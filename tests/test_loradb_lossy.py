@@ -72,10 +72,11 @@ def test_every_lossy_combination(tmp_path, opts):
     db = str(tmp_path / "c.loradb")
     rep = pack(db, files, snr_db=35.0, **opts)
     layers = set(itertools.chain.from_iterable(e["layers"] for e in rep["entries"]))
-    assert ("prune" in layers) == bool(opts["recipe"]) and ("int8" in layers) == opts["int8"]
+    assert ("prune" in layers) == bool(opts["recipe"])
+    assert ("quantized" in layers) == (opts["int8"] or opts["shared_basis"] == "on")
     assert ("shared-basis" in layers) == (opts["shared_basis"] == "on")
     for e, snr in _check_recorded_errors(db, files):
-        if not opts["recipe"]:   # without pruning every lossy layer keeps the budget
+        if opts["int8"] or opts["shared_basis"] != "off":   # the coder keeps the per-LoRA budget (prune included)
             assert snr >= 35.0 - 1e-6, (e["name"], snr)
 
 
@@ -100,3 +101,43 @@ def test_shared_basis_auto_declines_unrelated(tmp_path):
     rep = pack(str(tmp_path / "u.loradb"), files, shared_basis="auto")
     assert rep["collection"]["lossy"]["shared_basis_modules"] == 0
     assert all(e["lossless"] for e in rep["entries"])   # nothing lossy was applied: stored bit-exact
+
+
+def test_quantised_coding_unrelated_meets_budget_and_shrinks(tmp_path):
+    """Unrelated LoRAs (no sharing possible): per-LoRA water-filled quantised coefficients keep every LoRA
+    at ≥ 35 dB against a dense float64 reference and need far fewer bytes than the lossless collection."""
+    files = []
+    for i in range(2):
+        sd = make_lora("sdxl_kohya", rank=16, seed=40 + i, max_modules=4)
+        p = tmp_path / f"u{i}.safetensors"
+        save_file(sd, str(p), sd.metadata)
+        files.append(str(p))
+    lossless = pack(str(tmp_path / "a.loradb"), files)
+    rep = pack(str(tmp_path / "q.loradb"), files, int8=True, snr_db=35.0)
+    assert rep["loradb_bytes"] < 0.5 * lossless["loradb_bytes"]
+    snrs = [snr for _, snr in _check_recorded_errors(str(tmp_path / "q.loradb"), files)]
+    assert len(snrs) == 2 and min(snrs) >= 35.0 and max(snrs) < 36.5   # the budget is used, not wasted
+    with open_collection(str(tmp_path / "q.loradb")) as c:
+        for e in c.entries:
+            m = c.extract_model(e)
+            assert all(t.dtype == torch.float16 for mm in m.modules for r, t in mm.tensors.items() if r != "alpha")
+
+
+DATA = os.path.join(os.path.dirname(__file__), "data")
+
+
+@pytest.mark.parametrize("name", ["loradb_v2_0_shared.loradb", "loradb_v2_0_int8.loradb"])
+def test_reads_files_of_format_2_0(tmp_path, name):
+    """Backward compatibility: collections written by the previous release (format 2.0: fp16 shared-basis
+    products as "mm" segments, int8 entries) still list and extract, verified by their recorded sha256."""
+    from lens_ops.loradb.db import _table
+    with open_collection(os.path.join(DATA, name)) as c:
+        assert c.header["version"] == [2, 0] and len(c.entries) == 2
+        kinds = {seg[2] for e in c.entries for seg in _table(c.reader, e)["segments"] if len(seg) == 8}
+        res = c.extract_to(str(tmp_path / "out"))
+        assert not res["damaged"] and len(res["written"]) == 2
+        for e in c.entries:
+            m = c.extract_model(e)
+            assert len(m.modules) == 2 and e["error"]["snr_db"] >= 35.0
+    if "shared" in name:
+        assert "mm" in kinds

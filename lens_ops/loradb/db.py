@@ -165,6 +165,13 @@ def _dumps(obj) -> bytes:
 _HASH_POOL = ThreadPoolExecutor(max_workers=1)
 
 
+def _write_all(f, view: memoryview):
+    view = view.cast("B") if view.format != "B" else view
+    while len(view):
+        n = f.write(view)
+        view = view[n:]
+
+
 def _sha_of(data: np.ndarray) -> str:
     return hashlib.sha256(memoryview(data)).hexdigest()
 
@@ -216,8 +223,9 @@ def pack(out_path: str, items: Iterable, name: str = "", creator: str = "", desc
     lossy = None
     try:
         if recipe or int8 or shared_basis != "off":
-            from .lossy import prepare_lossy
-            lossy = prepare_lossy(srcs, writer, recipe=recipe, int8=int8, shared_basis=shared_basis,
+            from .lossy import prepare_coded, prepare_lossy
+            prep = prepare_coded if (int8 or shared_basis != "off") else prepare_lossy
+            lossy = prep(srcs, writer, recipe=recipe, int8=int8, shared_basis=shared_basis,
                                   snr_db=snr_db, level=level, device=device, progress=progress)
         _write_entries(writer, header, srcs, DedupIndex() if dedup else None, level,
                        lossy.outputs if lossy else None, progress)
@@ -335,17 +343,21 @@ class Collection:
             out.append(hit[0])
         return out
 
-    def extract_bytes(self, entry: dict, verify: bool = True) -> np.ndarray:
-        """The entry's file bytes, verified against the recorded sha256 (raises LensError naming it)."""
+    def extract_bytes(self, entry: dict, verify: bool = True, sink=None) -> np.ndarray:
+        """The entry's file bytes, verified against the recorded sha256 (raises LensError naming it).
+        `sink(view)` receives the bytes in order while they are rebuilt (then verify is the caller's job)."""
         what = f"{self.name}: entry {entry.get('name')!r}"
         if self.legacy:
-            return self.legacy.extract_bytes(entry)
+            data = self.legacy.extract_bytes(entry)
+            if sink is not None:
+                sink(data)
+            return data
         size = entry.get("output_bytes")
         cap = min(MAX_ENTRY_OUTPUT, 256 * self.reader.size + 64 * 2**20)
         if not isinstance(size, int) or size < 8 or size > cap:
             raise LensError(f"{what} declares an impossible size ({size} bytes).")
         try:
-            data = decode_file(self.reader, _table(self.reader, entry), what, size)
+            data = decode_file(self.reader, _table(self.reader, entry), what, size, sink)
         except LensError as e:
             msg = str(e)
             raise LensError(msg if f"entry {entry.get('name')!r}" in msg
@@ -379,13 +391,22 @@ class Collection:
             try:
                 if os.path.exists(target) and not overwrite:
                     raise LensError(f"{target} already exists; remove it or choose another folder.")
-                data = self.extract_bytes(e, verify=False)
                 fd, tmp = tempfile.mkstemp(prefix=".lens-", suffix=".tmp", dir=folder)
                 try:
-                    with os.fdopen(fd, "wb") as f:
-                        fut = _HASH_POOL.submit(_sha_of, data)   # hash while writing (2 cores)
-                        f.write(memoryview(data))
-                    if fut.result() != e.get("output_sha256"):
+                    h = hashlib.sha256()
+                    with os.fdopen(fd, "wb", buffering=0) as f:
+                        writes = []
+
+                        def sink(view):   # hash here, write on another thread, while the rest decodes
+                            writes.append(_HASH_POOL.submit(_write_all, f, memoryview(view)))
+                            h.update(memoryview(view))
+
+                        try:
+                            data = self.extract_bytes(e, verify=False, sink=sink)
+                        finally:
+                            for w in writes:
+                                w.result()
+                    if h.hexdigest() != e.get("output_sha256"):
                         raise LensError(f"{self.name}: entry {e.get('name')!r} is damaged: its rebuilt bytes "
                                         "fail the recorded sha256 checksum.")
                     os.replace(tmp, target)

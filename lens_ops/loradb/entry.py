@@ -63,6 +63,74 @@ def mm_product(x: torch.Tensor, y: torch.Tensor, dtype: torch.dtype) -> torch.Te
     return torch.matmul(x, y).to(dtype)
 
 
+QLR_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}
+CODE_VIEW = {1: np.int8, 2: np.dtype("<i2")}
+
+
+def _finite_step(x) -> float:
+    try:
+        if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(float(x)):
+            raise LensError("malformed quantised-tensor step")
+    except OverflowError:
+        raise LensError("malformed quantised-tensor step") from None
+    return float(x)
+
+
+def qlr_build(rows: int, cols: int, axis: int, parts: list, vec, dtype: torch.dtype, what: str) -> torch.Tensor:
+    """Rebuild a tensor from quantised codes (segment kind "qlr", docs/loradb.md): the one rule pack and
+    extract both use, so the result is bit-identical to what was checksummed at pack time.
+
+    axis 1: `parts` are column blocks of the rows×cols tensor; axis 0: row blocks. `vec(ref, count)` returns
+    `count` integer codes. A "v" part is one column/row = code·step (float64); a "qc" part (axis 1 only) is
+    a rows×c block = step·((Qcodes·w) @ Ccodes), an exact integer product (bounded below 2^53)."""
+    bad = LensError(f"{what}: malformed quantised-tensor record.")
+    if axis not in (0, 1) or not isinstance(parts, list):
+        raise bad
+    out = np.empty((rows, cols), np.float64)
+    L, width = (rows, cols) if axis == 1 else (cols, rows)
+    pos = 0
+    try:
+        for p in parts:
+            if not isinstance(p, list) or not p:
+                raise bad
+            if p[0] == "v" and len(p) == 3:
+                if pos >= width:
+                    raise bad
+                v = np.asarray(vec(p[1], L), dtype=np.float64) * _finite_step(p[2])
+                if axis == 1:
+                    out[:, pos] = v
+                else:
+                    out[pos] = v
+                pos += 1
+            elif p[0] == "qc" and len(p) == 6 and axis == 1:
+                _, step, qrefs, w, cref, c = p
+                step = _finite_step(step)
+                if (not isinstance(qrefs, list) or not isinstance(w, list) or not qrefs or len(w) != len(qrefs)
+                        or not _int(c, 1, width - pos) or len(qrefs) > MAX_INNER or L * len(qrefs) > rows * cols
+                        or not all(_int(x, 1, 1 << 20) for x in w)):
+                    raise bad
+                K = len(qrefs)
+                q = np.empty((L, K), np.float64)
+                for j, r in enumerate(qrefs):
+                    q[:, j] = vec(r, L)
+                q *= np.asarray(w, dtype=np.float64)
+                cm = np.asarray(vec(cref, K * c), dtype=np.float64).reshape(K, c)
+                if K * float(np.abs(q).max(initial=0)) * float(np.abs(cm).max(initial=0)) >= 2.0 ** 53:
+                    raise LensError(f"{what}: a quantised product exceeds the exact-integer range.")
+                out[:, pos:pos + c] = (q @ cm) * step
+                pos += c
+            else:
+                raise bad
+    except LensError as e:
+        raise LensError(str(e).replace("malformed quantised-tensor step", f"{what}: malformed quantised-tensor "
+                                       "record")) from None
+    if pos != width:
+        raise bad
+    # float64 → float32 → dtype, each IEEE round-to-nearest-even (spelled out so any reader gets the same bits)
+    t = torch.from_numpy(out).to(torch.float32)
+    return t if dtype == torch.float32 else t.to(dtype)
+
+
 def store_tensors(writer, tensors: dict, level: int) -> dict:
     """Write tensors (grouped by element size) as byte-grouped streams; name -> ref dict."""
     groups: dict[int, list] = {}
@@ -122,6 +190,19 @@ def encode_file(writer, path: str, dedup: DedupIndex | None, level: int,
 
     for o0, o1, key, e, shape in spans:
         b = data[o0:o1]
+        if key in computed and "qlr" in computed[key]:
+            spec = computed[key]["qlr"]
+            dt = tensors[key]["dtype"]
+            rows = shape[0] if shape else 1
+            parts = []
+            ref = lambda r: [sid_of(r["desc"]), r["start"]]  # noqa: E731
+            for p in spec["parts"]:
+                if p[0] == "v":
+                    parts.append(["v", ref(p[1]), p[2]])
+                else:
+                    parts.append(["qc", p[1], [ref(r) for r in p[2]], p[3], ref(p[4]), p[5]])
+            segments.append([o0, o1 - o0, "qlr", dt, rows, (o1 - o0) // e // max(rows, 1), spec["axis"], parts])
+            continue
         if key in computed:
             spec = computed[key]
             dt = tensors[key]["dtype"]
@@ -182,8 +263,19 @@ def _int(x, lo=0, hi=None) -> bool:
     return isinstance(x, int) and not isinstance(x, bool) and x >= lo and (hi is None or x <= hi)
 
 
-def decode_file(reader, table: dict, what: str, cap: int) -> np.ndarray:
-    """Rebuild the exact file bytes of an entry table (bounds checked; caller verifies the checksum)."""
+MOVE_BATCH = 8 << 20
+
+
+def _move_batch(batch):
+    for job in batch:
+        _move(job[1:])
+
+
+def decode_file(reader, table: dict, what: str, cap: int, sink=None) -> np.ndarray:
+    """Rebuild the exact file bytes of an entry table (bounds checked; caller verifies the checksum).
+
+    `sink(view)`, when given, receives the file's bytes in order, piece by piece, as soon as each piece
+    is final (so hashing and writing overlap the decoding)."""
     if not isinstance(table, dict):
         raise LensError(f"{what}: malformed entry table.")
     header, data_start, size = table.get("header"), table.get("data_start"), table.get("size")
@@ -218,7 +310,7 @@ def decode_file(reader, table: dict, what: str, cap: int) -> np.ndarray:
         return arr, streams[sid]["e"]
 
     def get_op(rec):
-        if not isinstance(rec, list) or len(rec) != 8 or rec[4] not in MM_DTYPES:
+        if not isinstance(rec, list) or len(rec) != 8 or not isinstance(rec[4], str) or rec[4] not in MM_DTYPES:
             raise LensError(f"{what}: malformed computed-tensor operand.")
         sid, start, r, c, dt, tr, ssid, sstart = rec
         tdt, ndt, es = MM_DTYPES[dt]
@@ -237,10 +329,30 @@ def decode_file(reader, table: dict, what: str, cap: int) -> np.ndarray:
             scale = torch.from_numpy(sarr[sstart * 4:(sstart + c) * 4].copy()).view(torch.float32)
         return operand(x, scale, tr)
 
+    def codes(ref, count):
+        if not isinstance(ref, list) or len(ref) != 2 or not _int(ref[1]):
+            raise LensError(f"{what}: malformed quantised-tensor record.")
+        arr, e = stream(ref[0])
+        if e not in CODE_VIEW or (ref[1] + count) * e > arr.size:
+            raise LensError(f"{what}: quantised codes lie outside their stream.")
+        return arr[ref[1] * e:(ref[1] + count) * e].view(CODE_VIEW[e])
+
     for seg in segments:
+        if isinstance(seg, list) and len(seg) == 8 and seg[2] == "qlr":
+            o0, n, _, dt, rows, cols, axis, parts = seg
+            if (not _int(o0) or o0 != pos or not _int(n) or o0 + n > len(data) or not isinstance(dt, str)
+                    or dt not in QLR_DTYPES
+                    or not _int(rows, 1, 1 << 24) or not _int(cols, 1, 1 << 24)
+                    or rows * cols * MM_DTYPES[dt][2] != n):
+                raise LensError(f"{what}: malformed quantised-tensor record.")
+            t = qlr_build(rows, cols, axis, parts, codes, QLR_DTYPES[dt], what)
+            data[o0:o0 + n] = t.contiguous().reshape(-1).view(torch.uint8).numpy()
+            pos = o0 + n
+            continue
         if isinstance(seg, list) and len(seg) == 8 and seg[2] == "mm":
             o0, n, _, dt, rows, cols, xr, yr = seg
-            if (not _int(o0) or o0 != pos or not _int(n) or o0 + n > len(data) or dt not in MM_DTYPES
+            if (not _int(o0) or o0 != pos or not _int(n) or o0 + n > len(data) or not isinstance(dt, str)
+                    or dt not in MM_DTYPES
                     or not _int(rows, 1) or not _int(cols, 1) or rows * cols * MM_DTYPES[dt][2] != n):
                 raise LensError(f"{what}: malformed computed-tensor record.")
             x, y = get_op(xr), get_op(yr)
@@ -263,12 +375,29 @@ def decode_file(reader, table: dict, what: str, cap: int) -> np.ndarray:
         if rows:
             if rows * cols * e != n:
                 raise LensError(f"{what}: a transposed tensor's shape does not match its size.")
-            moves.append((data[o0:o0 + n], src, rows, cols, e))
+            moves.append((o0, data[o0:o0 + n], src, rows, cols, e))
         else:
-            moves.append((data[o0:o0 + n], src, 0, 0, e))
+            moves.append((o0, data[o0:o0 + n], src, 0, 0, e))
         pos = o0 + n
     if pos != len(data):
         raise LensError(f"{what}: its tensors do not cover the whole file.")
-    for _ in _POOL.map(_move, moves):
-        pass
+    batches, cur, nb = [], [], 0
+    for mv in moves:
+        cur.append(mv)
+        nb += mv[1].size
+        if nb >= MOVE_BATCH:
+            batches.append(cur)
+            cur, nb = [], 0
+    if cur:
+        batches.append(cur)
+    futs = [_POOL.submit(_move_batch, b) for b in batches]
+    done = 0
+    for k, f in enumerate(futs):
+        f.result()
+        end = data_start + batches[k + 1][0][0] if k + 1 < len(batches) else size
+        if sink is not None and end > done:
+            sink(out[done:end])
+            done = end
+    if sink is not None and done < size:
+        sink(out[done:size])
     return out

@@ -17,12 +17,14 @@ import os
 import shutil
 import tempfile
 
+import numpy as np
 import torch
 
 from ..errors import LensError
 from ..lowrank import factored_svd, frobenius_inner
 from ..model import LoRAModel
 from ..st_io import save_file
+from .codec import encode_stream
 from .entry import mm_product, operand, store_tensors
 
 ELIGIBLE_ROLES = ({"up", "down"}, {"up", "down", "alpha"})
@@ -55,10 +57,14 @@ def error_of(orig: LoRAModel, new: LoRAModel, device="cpu") -> dict:
     sig = err = 0.0
     worst, worst_name = math.inf, None
     for m in orig.modules:
-        n = new.get(m.name)
-        if n is None or m.kind.name == "unknown":
+        if m.kind.name == "unknown":
             continue
-        s, e = module_snr(m, n, device)
+        n = new.get(m.name)
+        if n is None:   # a module the lossy layers dropped entirely: all its energy is error
+            s, _ = module_snr(m, m, device)
+            e = s
+        else:
+            s, e = module_snr(m, n, device)
         sig, err = sig + s, err + e
         if s > 0:
             snr = math.inf if e == 0 else 10 * math.log10(s / e)
@@ -325,6 +331,230 @@ def prepare_lossy(srcs, writer, recipe=None, int8=False, shared_basis="off", snr
                               "extra_bytes": own_bytes}
         out.summary = {"settings": settings, "shared_basis_modules": len(plans), "shared_basis_bytes": shared_bytes,
                        "snr_budget_db": snr_db}
+        return out
+    except BaseException:
+        out.cleanup()
+        raise
+
+
+# ------------------------------------------------------------------ quantised-coefficient coding (qcoef.py)
+class ClassStreams:
+    """Integer code vectors grouped by magnitude class (one byte-grouped zstd stream per class), so the
+    entropy coder sees values of one distribution at a time."""
+
+    def __init__(self):
+        self.items: dict[tuple, list] = {}
+        self.count: dict[tuple, int] = {}
+        self.handles: list[dict] = []
+
+    def add(self, codes) -> dict:
+        c = np.asarray(codes, dtype=np.int64).reshape(-1)
+        mx = int(np.abs(c).max(initial=0))
+        e = 1 if mx <= 127 else 2
+        rms = float(np.sqrt((c.astype(np.float64) ** 2).mean())) if c.size else 0.0
+        key = (e, int(np.clip(np.floor(2 * np.log2(rms + 1e-9)), -8, 40)))
+        self.items.setdefault(key, []).append(c)
+        h = {"key": key, "start": self.count.get(key, 0)}
+        self.count[key] = h["start"] + c.size
+        self.handles.append(h)
+        return h
+
+    def flush(self, writer, level: int):
+        descs = {}
+        for key, arrs in sorted(self.items.items()):
+            e = key[0]
+            data = np.concatenate(arrs).astype(np.int8 if e == 1 else np.dtype("<i2")).view(np.uint8)
+            descs[key] = encode_stream(writer, data, e, level)
+        for h in self.handles:
+            h["desc"] = descs[h["key"]]
+
+
+def _spec(parts, cs: ClassStreams, shared_handles: dict):
+    out = []
+    for p in parts:
+        if p[0] == "v":
+            ref = shared_handles[p[1]] if isinstance(p[1], tuple) else cs.add(p[1])
+            out.append(["v", ref, p[2]])
+        else:
+            _, step, qrefs, w, cc, K = p
+            out.append(["qc", step, [shared_handles[r] for r in qrefs], w, cs.add(cc.reshape(-1)), int(cc.shape[1])])
+    return out
+
+
+def prepare_coded(srcs, writer, recipe=None, int8=False, shared_basis="off", snr_db=35.0, level=3,
+                  device="cpu", progress=None) -> LossyPack:
+    """Quantised-coefficient coding (qcoef.py): int8 → every eligible module coded; shared basis → groups of
+    related modules share a basis (auto: where the estimated bytes are lower). Per-LoRA budget snr_db."""
+    from . import qcoef
+    out = LossyPack()
+    try:
+        originals = [s.model() for s in srcs]
+        settings = {"coder": "qcoef", "snr_db": snr_db}
+        if recipe:
+            try:
+                from ..prune import prune_model
+            except ImportError:
+                raise LensError("Pruning is not available in this installation (lens_ops.prune is missing).") from None
+            models = [prune_model(m, recipe, device, None)[0] for m in originals]
+            settings["recipe"] = recipe
+        else:
+            models = list(originals)
+        if int8:
+            settings["int8"] = "quantised coefficient codes (int8/int16, entropy coded)"
+        if shared_basis != "off":
+            settings["shared_basis"] = shared_basis
+        N = len(models)
+        energy, fixed = [0.0] * N, [0.0] * N
+        mods: list[dict] = [{} for _ in range(N)]
+        for i, (orig, model) in enumerate(zip(originals, models)):
+            for om in orig.modules:
+                if om.kind.name == "unknown":
+                    continue
+                nm = model.get(om.name)
+                sig, err = module_snr(om, nm if nm is not None else om, device)
+                if nm is None:
+                    err = sig
+                energy[i] += sig
+                fixed[i] += err
+                if nm is not None and qcoef.eligible(nm):
+                    mods[i][om.name] = nm
+        budget = [e * 10 ** (-(snr_db + 0.02) / 10) - f for e, f in zip(energy, fixed)]
+        # candidate groups: same module name, same shapes, in ≥ 2 LoRAs
+        by_name: dict[str, list[int]] = {}
+        for i in range(N):
+            for name in mods[i]:
+                by_name.setdefault(name, []).append(i)
+        cand = {}
+        if shared_basis != "off":
+            for name, idx in by_name.items():
+                if len(idx) < 2:
+                    continue
+                shp = {(tuple(mods[i][name].tensors["up"].shape[:1]), tuple(mods[i][name].tensors["down"].shape[1:]),
+                        mods[i][name].tensors["up"].dtype) for i in idx}
+                if len(shp) == 1:
+                    cand[name] = idx
+        coded_names = [set(mods[i]) if int8 else {n for n in mods[i] if n in cand} for i in range(N)]
+        svd = [{n: qcoef.Mod(mods[i][n], originals[i].get(n)) for n in coded_names[i]} for i in range(N)]
+        deltas = []
+        for i in range(N):
+            c = qcoef.LoraCoder(i, max(budget[i], 0.0))
+            for n, md in svd[i].items():
+                c.add(n, md.n, md.m, md.u, md.s, md.vh)
+            deltas.append(c.estimate_delta())
+        groups: dict[str, qcoef.Group] = {}
+        names = sorted(cand)
+        for j, name in enumerate(names):
+            if progress:
+                progress(j, len(names) + N)
+            idx = [i for i in cand[name] if name in svd[i]]
+            g = qcoef.Group(name, idx, [svd[i][name] for i in idx], [deltas[i] for i in idx])
+            if g.choose(shared_basis):
+                g.quantise()
+                groups[name] = g
+        gnames = list(groups)
+        shared_codes = {}
+        for gi, name in enumerate(gnames):
+            g = groups[name]
+            for j in range(g.K):
+                shared_codes[("shared", gi, j)] = g.q_codes[:, j]
+                shared_codes[("shared", gi, g.K + j)] = g.p_codes[:, j]
+        # in shared-only mode only modules of a used group are coded
+        if not int8:
+            coded_names = [{n for n in coded_names[i] if n in groups and i in groups[n].members} for i in range(N)]
+        # shared streams first (one copy for the collection)
+        scs = ClassStreams()
+        shared_handles = {k: scs.add(v) for k, v in shared_codes.items()}
+        before = writer.written
+        scs.flush(writer, level)
+        shared_bytes = writer.written - before
+        for i, (src, orig, model) in enumerate(zip(srcs, originals, models)):
+            if progress:
+                progress(len(names) + i, len(names) + N)
+            if not coded_names[i] and not recipe:
+                continue   # nothing lossy happened to this entry: it is stored losslessly
+            coder = qcoef.LoraCoder(i, max(budget[i], 0.0))
+            items = {}
+            for n in coded_names[i]:
+                md = svd[i][n]
+                if n in groups and i in groups[n].members:
+                    g = groups[n]
+                    k = g.members.index(i)
+                    u, s_, vh = g.residuals[k]
+                    items[n] = (md, u.numpy(), s_.numpy(), vh.numpy(), g, gnames.index(n), g.cores[k])
+                    coder.add(n, md.n, md.m, u, s_, vh, g, g.cores[k])
+                else:
+                    items[n] = (md, md.u.numpy(), md.s.numpy(), md.vh.numpy(), None, None, None)
+                    coder.add(n, md.n, md.m, md.u, md.s, md.vh)
+            coder.prepare()
+            delta = coder.solve_delta() if items else 1.0
+            best, lo_fail = None, None
+            for attempt in range(8):
+                path = os.path.join(out.tmpdir, f"{i}_{attempt}.safetensors")
+                new_mods, dropped, parts_of = {}, set(), {}
+                for n, (md, u, s_, vh, g, gi, core) in items.items():
+                    res = qcoef.module_parts(md.n, md.m, u, s_, vh, delta, g, gi, core)
+                    if res is None:
+                        continue   # codes would overflow: the module stays as it was (exact)
+                    R, up_parts, down_parts = res
+                    if R == 0:
+                        dropped.add(n)
+                        continue
+                    base = md.module
+                    dt = base.tensors["up"].dtype
+                    up = qcoef.build_local(md.n, R, 1, up_parts, shared_codes, dt)
+                    down = qcoef.build_local(R, md.m, 0, down_parts, shared_codes, dt)
+                    tens = {"up": up.reshape(md.n, R, *base.tensors["up"].shape[2:]),
+                            "down": down.reshape(R, *base.tensors["down"].shape[1:])}
+                    if "alpha" in base.tensors:
+                        tens["alpha"] = torch.tensor(float(R), dtype=base.tensors["alpha"].dtype)
+                    new_mods[n] = base.with_tensors(tens)
+                    parts_of[n] = (up_parts, down_parts)
+                final = model.replace_modules(new_mods)
+                if dropped:
+                    final = LoRAModel([m for m in final.modules if m.name not in dropped], final.metadata,
+                                      final.source)
+                meta = final.with_provenance("loradb_pack", {**settings, "source": src.file_name})
+                save_file(final.state_dict(), path, meta)
+                err = error_of(orig, LoRAModel.load(path), device)
+                # unrounded (the stored snr_db is rounded to 3 decimals)
+                snr = math.inf if err["rel_error"] <= 0 else -20 * math.log10(err["rel_error"])
+                # the error grows about as Δ²: aim at the budget from both sides, keep the best passing build
+                ratio = 10 ** ((snr - snr_db - 0.01) / 20)
+                if snr >= snr_db:
+                    if best is None or delta > best[0]:
+                        best = (delta, path, err, new_mods, dropped, parts_of)
+                    if snr - snr_db < 0.04 or not math.isfinite(snr):
+                        break
+                    nxt = delta * min(ratio, 2.0)
+                    delta = nxt if lo_fail is None or nxt < lo_fail else math.sqrt(delta * lo_fail)
+                else:
+                    lo_fail = delta if lo_fail is None else min(lo_fail, delta)
+                    nxt = delta * max(ratio, 0.5)
+                    delta = nxt if best is None or nxt > best[0] else math.sqrt(delta * best[0])
+            if best is None:
+                raise LensError(f"Could not code {src.file_name} within the {snr_db} dB budget; "
+                                "pack it without lossy options.")
+            delta, path, err, new_mods, dropped, parts_of = best
+            cs = ClassStreams()
+            computed = {}
+            for n, (up_parts, down_parts) in parts_of.items():
+                nm = new_mods[n]
+                computed[nm.keys["up"]] = {"qlr": {"axis": 1, "parts": _spec(up_parts, cs, shared_handles)}}
+                computed[nm.keys["down"]] = {"qlr": {"axis": 0, "parts": _spec(down_parts, cs, shared_handles)}}
+            w0 = writer.written
+            cs.flush(writer, level)
+            own_bytes = writer.written - w0
+            used_shared = any(n in groups and i in groups[n].members for n in parts_of)
+            layers = (["prune"] if recipe else []) + (["quantized"] if parts_of or dropped else []) + \
+                (["shared-basis"] if used_shared else [])
+            out.outputs[i] = {"path": path, "layers": layers or ["lossy"], "error": err,
+                              "settings": {**settings, "step": delta}, "computed": computed,
+                              "shared_modules": sum(1 for n in parts_of if n in groups),
+                              "extra_bytes": own_bytes}
+        out.summary = {"settings": settings, "shared_basis_modules": len(groups), "shared_basis_bytes": shared_bytes,
+                       "snr_budget_db": snr_db}
+        if progress:
+            progress(len(names) + N, len(names) + N)
         return out
     except BaseException:
         out.cleanup()

@@ -3,7 +3,7 @@
 Byte layout (all integers little-endian):
 
     0    8  magic  b"\\x89LORADB\\n"
-    8    4  format major (2)        12   4  format minor (0)
+    8    4  format major (2)        12   4  format minor (1; 0 = files without quantised tensors)
     16  64  commit slot A           80  64  commit slot B
     144 ..  payloads (zstd frames / raw chunks), entry tables, collection headers, appended in order
 
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 MAGIC = b"\x89LORADB\n"
 FORMAT_MAJOR = 2
-FORMAT_MINOR = 0
+FORMAT_MINOR = 1
 SLOT_SIZE = 64
 SLOT_OFFSETS = (16, 80)
 DATA_START = 144

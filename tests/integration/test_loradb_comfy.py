@@ -94,3 +94,45 @@ def test_extract_all_to_loras_folder(comfy_server):
         for c in candidates:
             if os.path.exists(c):
                 os.unlink(c)
+
+
+def test_lossy_pack_extract_apply(comfy_server, comfy_inproc):
+    """Quantised-coefficient coding + shared basis through /prompt: the extracted LoRA, applied by ComfyUI's
+    own code, stays within the 35 dB ΔW budget of the original (whole LoRA), and the report says so."""
+    base = make_lora("sdxl_kohya", rank=8, seed=77, max_modules=6, dtype=torch.float32)
+    g = torch.Generator().manual_seed(1)
+    names = []
+    for i in range(3):   # checkpoints of one run: up factors drift inside their span
+        sd = {k: ((v @ (torch.eye(v.shape[1]) + 0.1 * torch.randn(v.shape[1], v.shape[1], generator=g)))
+                  if k.endswith("lora_up.weight") and v.ndim == 2 else v).half() for k, v in base.items()}
+        name = f"lens_dbq_{i}.safetensors"
+        save_file(sd, os.path.join(comfy_server.loras, name), base.metadata)
+        names.append(name)
+    entry = comfy_server.run({"1": {"class_type": "PackLoRADB",
+                                    "inputs": {"name": "itestq", "creator": "ci", "description": "", "tags": "",
+                                               "optimisation": "int8", "recipe": "", "shared_basis": "auto",
+                                               "snr_db": 35.0, "overwrite": True, "lora_file_1": names[0],
+                                               "lora_file_2": names[1], "lora_file_3": names[2]}}})
+    assert entry["status"]["status_str"] == "success", errors_of(entry)
+    report = entry["outputs"]["1"]["text"][0]
+    assert "3 entries" in report and "SNR" in report
+    entry = comfy_server.run({"1": {"class_type": "ExtractLoRADB", "inputs": {"loradb": "itestq.loradb",
+                                                                              "entries": "lens_dbq_1",
+                                                                              "write_to_loras": False}},
+                              "2": {"class_type": "SaveLoRAFile", "inputs": {"lora": ["1", 0],
+                                                                             "filename_prefix": "dbq/out",
+                                                                             "copy_to_loras": False}}})
+    assert entry["status"]["status_str"] == "success", errors_of(entry)
+    files = os.listdir(os.path.join(comfy_server.output, "dbq"))
+    got = load_file(os.path.join(comfy_server.output, "dbq", files[0]))
+    orig = load_file(os.path.join(comfy_server.loras, names[1]))
+    sig = err = 0.0
+    mods = [k[: -len(".lora_up.weight")] for k in orig if k.endswith(".lora_up.weight")]
+    for mod in mods:
+        down = orig[mod + ".lora_down.weight"]
+        w = 1e-3 * torch.randn(orig[mod + ".lora_up.weight"].shape[0], *down.shape[1:])
+        b = comfy_inproc(orig, {mod: "w"}, {"w": w})["w"].double()
+        a = comfy_inproc(got, {mod: "w"}, {"w": w})["w"].double() if mod + ".lora_up.weight" in got else w.double()
+        sig += float((b - w.double()).pow(2).sum())
+        err += float((a - b).pow(2).sum())
+    assert sig > 0 and 10 * torch.log10(torch.tensor(sig / err)).item() >= 35.0 - 0.05

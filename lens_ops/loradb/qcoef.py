@@ -1,0 +1,351 @@
+"""Quantised-coefficient coding of LoRA collections at a per-LoRA ΔW error budget (the lossy .loradb layer).
+
+Every coded module's ΔW (exact factored SVD, lens_ops.lowrank) is stored as integer codes:
+
+* own directions ΔW ≈ Σ_d b_d·a_dᵀ with b_d = u_d·σ_d and a_d = v_d: the codes of b_d use the LoRA's step Δ
+  and those of a_d the step Δ/σ_d, so every code's rounding error costs the same ΔW energy (Δ²/12);
+* related LoRAs (variants of one run, a style series) can share a per-module basis: Q′ (n×K) and P′ (m×K),
+  stored once with per-column steps, and each LoRA keeps a K×K core C′ᵢ (step Δᵢ) plus its own directions
+  for the residual ΔWᵢ − Q′CᵢP′ᵀ.
+
+The error budget is per LoRA (ΔW SNR over the whole LoRA): one step Δᵢ per LoRA is found by bisection on
+the real rounding error of all its codes plus the energy of the directions it drops, which is reverse
+water-filling across all modules: a direction is kept only where its energy per stored code is above the
+water level, whatever module it is in. The extracted tensors are rebuilt from the codes exactly as
+extraction rebuilds them (entry.qlr_build), their exact ΔW error against the original is measured and
+must meet the budget (Δᵢ shrinks until it does). Codes are grouped by magnitude class into zstd-coded
+streams (entropy coding that adapts to each class).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from ..lowrank import factored_svd, singular_values
+from .entry import qlr_build
+
+FLOATS = (torch.float16, torch.bfloat16, torch.float32)
+LOG2E2 = 2 * math.pi * math.e       # high-rate entropy of a quantised Gaussian: log2(σ/Δ) + ½log2(2πe)
+import os as _os
+DROP_TAU = float(_os.environ.get("LENS_QC_TAU", 3.0))    # drop a direction when σ² < τ·(n+m)·Δ²/12 (measured best)
+BASIS_RHO = float(_os.environ.get("LENS_QC_RHO", 0.5))   # shared basis steps: ρ × the finest step its LoRAs use
+ROUND_F = float(_os.environ.get("LENS_QC_F", 0.5))      # rounding offset (0.5: nearest; below: dead zone)
+MAX_CODE = 32767
+
+
+def quant(x, step):
+    """Integer codes of x at `step`: sign(x)·⌊|x|/step + f⌋ (f = ½ is rounding to nearest)."""
+    y = np.asarray(x) / step
+    return (np.sign(y) * np.floor(np.abs(y) + ROUND_F)).astype(np.int64)
+K_CANDIDATES = (4, 8, 12, 16, 20, 24, 28, 32, 40, 48, 64)
+
+
+def eligible(m) -> bool:
+    roles = set(m.tensors)
+    if m.kind.name != "lora" or m.is_dora or roles not in ({"up", "down"}, {"up", "down", "alpha"}):
+        return False
+    up, down = m.tensors["up"], m.tensors["down"]
+    if up.dtype not in FLOATS or down.dtype not in FLOATS or up.dtype != down.dtype:
+        return False
+    if not (up.ndim == 2 or (up.ndim == 4 and tuple(up.shape[2:]) == (1, 1))):
+        return False
+    if "alpha" not in roles and abs(m.scale() - 1.0) > 1e-12:
+        return False
+    return True
+
+
+def _h(var, step2):
+    """Estimated bits per code (entropy-coded uniform quantiser) for values of variance var."""
+    return 0.5 * np.log2(1.0 + LOG2E2 * np.asarray(var) / step2)
+
+
+class Mod:
+    """One coded module of one LoRA: its ΔW as an exact SVD (float64), plus what is needed to rebuild it."""
+
+    def __init__(self, m, ref_module):
+        b, a, sc = m.lowrank(torch.float64, "cpu")
+        u, s, vh = factored_svd(b, a, sc)
+        keep = s > (s[0] * 1e-12 if s.numel() else 0)
+        self.u, self.s, self.vh = u[:, keep], s[keep], vh[keep]
+        self.n, self.m = self.u.shape[0], self.vh.shape[1]
+        self.module = m
+        self.ref = ref_module
+        self.energy = float((self.s ** 2).sum())
+
+
+# ------------------------------------------------------------------ shared basis of one module group
+def _top_basis(mats, k):
+    """Top-k left singular vectors of the column-stack of mats (via its small Gram matrix)."""
+    x = torch.cat(mats, dim=1)
+    lam, w = torch.linalg.eigh(x.T @ x)
+    idx = torch.argsort(lam, descending=True)[:k]
+    lam, w = lam[idx].clamp_min(1e-300), w[:, idx]
+    q, _ = torch.linalg.qr((x @ w) / lam.sqrt())
+    return q, lam
+
+
+def _col_steps(norms_over_loras, deltas, rho=BASIS_RHO):
+    """Per basis column: ρ · min over LoRAs of Δᵢ / ‖row or column j of Cᵢ‖."""
+    ratio = np.array([[d / max(n, 1e-300) for n in row] for row, d in zip(norms_over_loras, deltas)])
+    return rho * ratio.min(axis=0)
+
+
+def _int_weights(steps, max_abs):
+    """Steps as base·wⱼ with integer weights (exact integer products at extraction)."""
+    steps = np.maximum(steps, max_abs / MAX_CODE)
+    base = steps.min() / 8.0
+    w = np.clip(np.rint(steps / base), 8, 8 * 4096).astype(np.int64)
+    return base, w
+
+
+def _half(g):
+    lam, w = torch.linalg.eigh(g)
+    keep = lam > lam.max() * 1e-12
+    return w[:, keep] * lam[keep].sqrt()
+
+
+def _resid_sv(s, C, a, b):
+    """Singular values of U·S·Vᵀ − Q·C·Pᵀ from QᵀU = a (K×r) and VᵀP = b (r×K) alone."""
+    r, K = s.numel(), C.shape[0]
+    gx = torch.eye(r + K, dtype=s.dtype)
+    gx[:r, r:], gx[r:, :r] = a.T, a
+    gy = torch.eye(r + K, dtype=s.dtype)
+    gy[:r, r:], gy[r:, :r] = b, b.T
+    M = torch.zeros(r + K, r + K, dtype=s.dtype)
+    M[:r, :r] = torch.diag(s)
+    M[r:, r:] = -C
+    return torch.linalg.svdvals(_half(gx).T @ M @ _half(gy))
+
+
+class Group:
+    def __init__(self, name, members, mods, deltas):
+        self.name, self.members = name, members    # LoRA indices
+        self.mods = mods                            # Mod per member
+        self.deltas = deltas
+        self.K = 0
+
+    def choose(self, mode: str):
+        mods, deltas = self.mods, self.deltas
+        n, m = mods[0].n, mods[0].m
+        T = sum(md.s.numel() for md in mods)
+        kmax = min(T, n, m, 2 * max(md.s.numel() for md in mods))
+        Qa, _ = _top_basis([md.u * md.s for md in mods], kmax)
+        Pa, _ = _top_basis([md.vh.T * md.s for md in mods], kmax)
+        self._proj = [(Qa.T @ md.u, md.vh @ Pa) for md in mods]
+        best = None
+        cands = ([0] if mode == "auto" else []) + [k for k in K_CANDIDATES if k <= kmax]
+        if kmax and kmax not in cands and kmax < K_CANDIDATES[-1]:
+            cands.append(kmax)
+        for K in cands:
+            j = self._cost(K, Qa[:, :K], Pa[:, :K], n, m)
+            if j is not None and (best is None or j < best[0]):
+                best = (j, K)
+        if best is None or best[1] == 0:
+            return False
+        self.K = best[1]
+        self.Q, self.P = Qa[:, :self.K], Pa[:, :self.K]
+        return True
+
+    def _cost(self, K, Q, P, n, m):
+        """Lagrangian rate + distortion/slope estimate of coding the group with a shared basis of size K
+        (small matrices only: U, V, Q, P are orthonormal, so every product reduces to r×K blocks)."""
+        total = 0.0
+        rows, colsn = [], []
+        for md, d, (A, Bm) in zip(self.mods, self.deltas, self._proj):
+            th = d * d / 12
+            lam = 1.0 / (2 * math.log(2) * th)
+            if K:
+                a, b = A[:K], Bm[:, :K]                # QᵀU (K×r), VᵀP (r×K)
+                C = (a * md.s) @ b
+                rows.append(C.norm(dim=1).numpy())
+                colsn.append(C.norm(dim=0).numpy())
+                cv = (C ** 2).reshape(-1).numpy()
+                total += float(_h(cv, d * d).sum()) + lam * float(np.minimum(cv, th).sum())
+                sv = _resid_sv(md.s, C, a, b)
+            else:
+                sv = md.s
+            sv2 = (sv ** 2).numpy()
+            keep = sv2 > DROP_TAU * (n + m) * th
+            own_bits = n * _h(sv2 / n, d * d) + m * _h(sv2 / m, d * d)
+            total += float(own_bits[keep].sum()) + lam * (float(sv2[~keep].sum()) + float(keep.sum()) * (n + m) * th)
+        if K:
+            sq = _col_steps(rows, self.deltas)
+            sp = _col_steps(colsn, self.deltas)
+            total += float((n * _h(1.0 / n, sq ** 2)).sum() + (m * _h(1.0 / m, sp ** 2)).sum())
+        return total
+
+    def quantise(self):
+        """Quantise the basis (per-column integer-weighted steps) and compute each member's core/residual."""
+        K, n, m = self.K, self.mods[0].n, self.mods[0].m
+        rows, colsn = [], []
+        for md in self.mods:
+            C = (self.Q.T @ (md.u * md.s)) @ (md.vh @ self.P)
+            rows.append(C.norm(dim=1).numpy())
+            colsn.append(C.norm(dim=0).numpy())
+        Qn, Pn = self.Q.numpy(), self.P.numpy()
+        self.q_base, self.q_w = _int_weights(_col_steps(rows, self.deltas), np.abs(Qn).max(axis=0))
+        self.q_codes = np.rint(Qn / (self.q_base * self.q_w)).astype(np.int64)
+        sp = np.maximum(_col_steps(colsn, self.deltas), np.abs(Pn).max(axis=0) / MAX_CODE)
+        self.p_steps = sp
+        self.p_codes = np.rint(Pn / sp).astype(np.int64)
+        Qq = torch.from_numpy(self.q_codes * (self.q_base * self.q_w))
+        Pq = torch.from_numpy(self.p_codes * sp)
+        pq = torch.linalg.pinv(Qq)
+        pp = torch.linalg.pinv(Pq)
+        self.cores, self.residuals = [], []
+        for md in self.mods:
+            C = (pq @ (md.u * md.s)) @ (md.vh @ pp.T)
+            b = torch.cat([md.u * md.s, -(Qq @ C)], 1)
+            a = torch.cat([md.vh, Pq.T], 0)
+            u, s, vh = factored_svd(b, a)
+            keep = s > (s[0] * 1e-12 if s.numel() and s[0] > 0 else 0)
+            self.cores.append(C.numpy())
+            self.residuals.append((u[:, keep], s[keep], vh[keep]))
+        qmax = np.abs(self.q_codes * self.q_w).max(initial=0)
+        return qmax
+
+
+# ------------------------------------------------------------------ per-LoRA allocation
+class LoraCoder:
+    """All coded modules of one LoRA: own directions (residuals or whole modules) and shared-group cores."""
+
+    def __init__(self, index, budget):
+        self.index, self.budget = index, budget
+        self.items = []      # (name, n, m, u, s, vh, group or None, core or None)
+
+    def add(self, name, n, m, u, s, vh, group=None, core=None):
+        self.items.append((name, n, m, u.numpy() if torch.is_tensor(u) else u, s.numpy() if torch.is_tensor(s) else s,
+                           vh.numpy() if torch.is_tensor(vh) else vh, group, core))
+
+    def estimate_delta(self):
+        """Δ from the high-rate model: Σ dropped σ² + Σ kept (n+m)Δ²/12 = budget."""
+        sv = [(float(x) ** 2, n + m) for _, n, m, _, s, _, _, _ in self.items for x in s]
+        sv += [(float(c) ** 2, 1) for it in self.items if it[7] is not None for c in it[7].reshape(-1)]
+        if not sv:
+            return 1.0
+        e = np.array([a for a, _ in sv])
+        w = np.array([b for _, b in sv], dtype=np.float64)
+        lo, hi = 1e-30, math.sqrt(12 * e.max()) * 10
+        for _ in range(100):
+            d = math.sqrt(lo * hi)
+            th = d * d / 12
+            keep = e > DROP_TAU * w * th
+            dist = e[~keep].sum() + (w[keep] * th).sum()
+            lo, hi = (d, hi) if dist < self.budget else (lo, d)
+        return lo
+
+    def prepare(self):
+        """Flatten every coefficient once so the error of any Δ is a few vectorised numpy passes."""
+        bs, ws, dirs, dir_e, dir_w = [], [], [], [], []
+        k = 0
+        for name, n, m, u, s, vh, g, core in self.items:
+            for d in range(s.shape[0]):
+                bs.append(u[:, d] * s[d])
+                bs.append(vh[d] * s[d])
+                dirs += [k, k]
+                dir_e.append(float(s[d]) ** 2)
+                dir_w.append(n + m)
+                k += 1
+        self.ndir = k
+        lens = np.array([len(x) for x in bs], dtype=np.int64)
+        self.coef = np.concatenate(bs) if bs else np.zeros(0)
+        self.coef_dir = np.repeat(np.array(dirs, dtype=np.int64), lens) if bs else np.zeros(0, np.int64)
+        self.dir_e = np.array(dir_e)
+        self.dir_w = np.array(dir_w, dtype=np.float64)
+        cores = [it[7].reshape(-1) for it in self.items if it[7] is not None]
+        self.core_coef = np.concatenate(cores) if cores else np.zeros(0)
+
+    def error_at(self, delta, fixed=0.0):
+        th = delta * delta / 12
+        keep = self.dir_e > DROP_TAU * self.dir_w * th
+        r = self.coef - delta * quant(self.coef, delta)
+        per = np.bincount(self.coef_dir, r * r, minlength=self.ndir) if self.ndir else np.zeros(0)
+        err = float(per[keep].sum() + self.dir_e[~keep].sum())
+        c = self.core_coef
+        err += float(((c - delta * quant(c, delta)) ** 2).sum())
+        return err + fixed
+
+    def solve_delta(self, fixed=0.0, target=None):
+        target = self.budget if target is None else target
+        d0 = self.estimate_delta()
+        lo, hi = d0 / 64, d0 * 8
+        if self.error_at(lo, fixed) > target:
+            return lo
+        for _ in range(40):
+            d = math.sqrt(lo * hi)
+            lo, hi = (d, hi) if self.error_at(d, fixed) <= target else (lo, d)
+            if hi / lo < 1.002:
+                break
+        return lo
+
+
+def _exp_balance(up_rms, down_rms):
+    """A power of two 2^e that makes up·2^-e and down·2^e about equally large (exact in float64)."""
+    if up_rms <= 0 or down_rms <= 0:
+        return 0
+    return int(round(0.5 * math.log2(up_rms / down_rms)))
+
+
+def _short(x: float) -> float:
+    """A step with 4 significant digits (short in the JSON table; any step works if pack and extract agree)."""
+    return float(f"{x:.4g}")
+
+
+def module_parts(n, m, u, s, vh, delta, group=None, gi=None, core=None):
+    """The rebuild recipe of one coded module: up (n×R) column parts and down (R×m) row parts, with codes
+    as numpy int arrays (stream references are filled in when the codes are written)."""
+    th = delta * delta / 12
+    up_parts, down_parts = [], []
+    R = 0
+    if group is not None:
+        cc = quant(core, delta)
+        if np.abs(cc).max(initial=0) > MAX_CODE:
+            return None
+        qw = group.q_codes * group.q_w
+        bound = group.K * float(np.abs(qw).max(initial=0)) * float(np.abs(cc).max(initial=0))
+        if bound >= 2.0 ** 53:
+            return None
+        if np.any(cc):
+            up_val = (qw.astype(np.float64) @ cc.astype(np.float64)) * (group.q_base * delta)
+            down_val = group.p_codes * group.p_steps
+            e = _exp_balance(float(np.sqrt((up_val ** 2).mean())), float(np.sqrt((down_val ** 2).mean())))
+            up_parts.append(["qc", _short(group.q_base * delta * 2.0 ** -e), [("shared", gi, j) for j in range(group.K)],
+                             [int(x) for x in group.q_w], cc, group.K])
+            for j in range(group.K):
+                down_parts.append(["v", ("shared", gi, group.K + j), _short(float(group.p_steps[j] * 2.0 ** e))])
+            R += group.K
+    for d in range(s.shape[0]):
+        sd = float(s[d])
+        if sd * sd <= DROP_TAU * (n + m) * th:
+            continue
+        e = _exp_balance(sd / math.sqrt(n), 1 / math.sqrt(m))
+        su, sa = _short(delta * 2.0 ** -e), _short((delta / sd) * 2.0 ** e)
+        cb = quant(u[:, d] * (sd * 2.0 ** -e), su)
+        ca = quant(vh[d] * 2.0 ** e, sa)
+        if not cb.any() or not ca.any():
+            continue
+        if max(np.abs(cb).max(), np.abs(ca).max()) > MAX_CODE:
+            return None
+        up_parts.append(["v", cb, su])
+        down_parts.append(["v", ca, sa])
+        R += 1
+    return R, up_parts, down_parts
+
+
+def build_local(rows, cols, axis, parts, shared_codes, dtype):
+    """Rebuild a tensor from in-memory parts with the very function extraction uses."""
+    def vec(ref, count):
+        if isinstance(ref, tuple):
+            return shared_codes[ref]
+        return ref
+
+    conv = []
+    for p in parts:
+        if p[0] == "v":
+            conv.append(["v", p[1], p[2]])
+        else:
+            _, step, qrefs, w, cc, K = p
+            conv.append(["qc", step, list(qrefs), w, cc.reshape(-1), int(cc.shape[1])])
+    return qlr_build(rows, cols, axis, conv, vec, dtype, "pack")
