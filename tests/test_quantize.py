@@ -431,3 +431,29 @@ def test_int8_gram_route_equals_float_route(monkeypatch):
     for f, s in zip(fast["per_module"], slow["per_module"]):
         assert f["delta"]["snr_db"] == pytest.approx(s["delta"]["snr_db"], abs=1e-5)
         assert f["delta"]["mse"] == pytest.approx(s["delta"]["mse"], rel=1e-6)
+
+
+def test_worker_threads_do_not_change_results():
+    """Modules quantized side by side (2 workers) give the same file and numbers as one at a time, in file order;
+    torch's thread count is restored afterwards, also when a module fails."""
+    sd = make_lora("sdxl_kohya", rank=8, seed=2, max_modules=7)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        q1, r1 = quantize_model(sd)
+        torch.set_num_threads(2)
+        q2, r2 = quantize_model(sd)
+        assert torch.get_num_threads() == 2
+        assert [m.name for m in q2.modules] == [m.name for m in q1.modules]
+        for a, b in zip(q1.state_dict().values(), q2.state_dict().values()):
+            assert torch.equal(a, b)
+        assert [p["delta"] for p in r1["per_module"]] == [p["delta"] for p in r2["per_module"]]
+        bad = dict(sd)
+        k = [k for k in bad if k.endswith("lora_down.weight")][4]
+        bad[k] = bad[k].clone()
+        bad[k][0, 0] = float("nan")
+        with pytest.raises(LensError, match="NaN"):
+            quantize_model(bad)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

@@ -34,7 +34,8 @@ def add_quant_options(p, prefix_help: str = "") -> None:
     p.add_argument("--dense-metrics", default=None, choices=("auto", "on", "off"),
                    help="older spelling: on = --metrics exact, off = no ΔW MAE/max error, auto = --metrics auto")
     p.add_argument("--threads", type=int, default=None,
-                   help="CPU threads for torch (default: torch's choice); 1 is much faster on a busy machine")
+                   help="CPU threads (default: torch's choice): modules are quantized side by side in this many "
+                        "worker threads, one torch thread each; 1 = one module at a time")
     p.add_argument("--json", action="store_true", help="print the full report (with per-module metrics) as JSON")
     p.add_argument("--report", default=None, help="also write the full JSON report to this file")
     p.add_argument("--show", type=int, default=5, help="list this many lowest-SNR modules (default 5)")
