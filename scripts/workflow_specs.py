@@ -21,7 +21,7 @@ WORKFLOWS = [
             {"id": 2, "type": "PruneRank", "pos": (400, 120), "links": {"lora": (1, "lora")},
              "widgets": {"method": "energy", "value": 0.99}},
             {"id": 3, "type": "QuantizeInt8", "pos": (780, 120), "links": {"lora": (2, "lora")},
-             "widgets": {"format": "int8", "method": "auto", "min_snr_db": 40.0, "keep_fp16_below": False}},
+             "widgets": {"format": "int8", "method": "rebalance+rotate", "min_snr_db": 40.0, "keep_fp16_below": False}},
             {"id": 4, "type": "SaveLoRAFile", "pos": (1160, 120), "links": {"lora": (3, "lora")},
              "widgets": {"filename_prefix": "loras/LoRA-Lens-ultra", "copy_to_loras": False}},
         ],
