@@ -113,7 +113,8 @@ STACKS = [("lossless (byte-grouped zstd + dedup)", {}),
           ("shared basis auto", {"shared_basis": "auto"}),
           ("int8 (quantised coefficients)", {"int8": True}),
           ("prune + int8", {"recipe": RECIPE, "int8": True}),
-          ("prune + int8 + shared basis auto", {"recipe": RECIPE, "int8": True, "shared_basis": "auto"})]
+          ("prune + int8 + shared basis auto", {"recipe": RECIPE, "int8": True, "shared_basis": "auto"}),
+          ("int8 + shared basis auto (no prune recipe)", {"int8": True, "shared_basis": "auto"})]
 
 
 def bench_collections(tmp, count, max_modules, kinds=None, stacks=None, every=None):

@@ -551,6 +551,13 @@ def prepare_coded(srcs, writer, recipe=None, int8=False, shared_basis="off", snr
                               "settings": {**settings, "step": delta}, "computed": computed,
                               "shared_modules": sum(1 for n in parts_of if n in groups),
                               "extra_bytes": own_bytes}
+        # the shared basis streams are attributed to the entries that use them (by modules used), so the
+        # per-entry stored sizes add up to the payload
+        used = sum(o["shared_modules"] for o in out.outputs.values())
+        for o in out.outputs.values():
+            if used and o["shared_modules"]:
+                o["shared_bytes"] = int(round(shared_bytes * o["shared_modules"] / used))
+                o["extra_bytes"] += o["shared_bytes"]
         out.summary = {"settings": settings, "shared_basis_modules": len(groups), "shared_basis_bytes": shared_bytes,
                        "snr_budget_db": snr_db}
         if progress:

@@ -39,7 +39,8 @@ def quant(x, step):
     """Integer codes of x at `step`: sign(x)·⌊|x|/step + f⌋ (f = ½ is rounding to nearest)."""
     y = np.asarray(x) / step
     return (np.sign(y) * np.floor(np.abs(y) + ROUND_F)).astype(np.int64)
-K_CANDIDATES = (4, 8, 12, 16, 20, 24, 28, 32, 40, 48, 64)
+K_CANDIDATES = tuple(int(x) for x in _os.environ.get("LENS_QC_K", "4,8,12,16,20,24,28,32,40,48,64").split(","))
+KMAX_FACTOR = int(_os.environ.get("LENS_QC_KF", 2))
 
 
 def eligible(m) -> bool:
@@ -130,7 +131,7 @@ class Group:
         mods, deltas = self.mods, self.deltas
         n, m = mods[0].n, mods[0].m
         T = sum(md.s.numel() for md in mods)
-        kmax = min(T, n, m, 2 * max(md.s.numel() for md in mods))
+        kmax = min(T, n, m, KMAX_FACTOR * max(md.s.numel() for md in mods))
         Qa, _ = _top_basis([md.u * md.s for md in mods], kmax)
         Pa, _ = _top_basis([md.vh.T * md.s for md in mods], kmax)
         self._proj = [(Qa.T @ md.u, md.vh @ Pa) for md in mods]
