@@ -30,7 +30,7 @@ FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 LOG2E2 = 2 * math.pi * math.e       # high-rate entropy of a quantised Gaussian: log2(σ/Δ) + ½log2(2πe)
 import os as _os
 DROP_TAU = float(_os.environ.get("LENS_QC_TAU", 3.0))    # drop a direction when σ² < τ·(n+m)·Δ²/12 (measured best)
-BASIS_RHO = float(_os.environ.get("LENS_QC_RHO", 0.5))   # shared basis steps: ρ × the finest step its LoRAs use
+BASIS_RHO = float(_os.environ.get("LENS_QC_RHO", 0.7))   # shared basis steps: ρ × the finest step its LoRAs use (measured)
 ROUND_F = float(_os.environ.get("LENS_QC_F", 0.5))      # rounding offset (0.5: nearest; below: dead zone)
 MAX_CODE = 32767
 
