@@ -107,7 +107,6 @@ def run(args) -> int:
     if base is not None:
         base.save_cache()
     if args.report:
-        from ..st_io import atomic_save  # noqa: F401  (same atomic rename idea for the JSON)
         tmp = args.report + ".tmp"
         with open(tmp, "w") as f:
             json.dump(all_reports if len(all_reports) != 1 else all_reports[0], f, indent=1, default=str)

@@ -121,7 +121,7 @@ class PruneSession:
                 decs = decompose(part, self.device, None, False)
                 self.decs.update(decs)
                 elig, cand, notes, _ = self._select(recipe, decs)
-                self._build_modules(part, recipe, elig, cand, notes, state, offset=start)
+                self._build_modules(part, recipe, elig, cand, notes, state)
                 if self._progress is not None:
                     self._progress(min(start + len(part), n), n)  # an interrupt point in ComfyUI
             return self._finish(recipe, state, None)
@@ -249,8 +249,7 @@ class PruneSession:
         new_modules: list = []
         return {"modules": new_modules, "entries": [], "emit": self._emitter(new_modules)}
 
-    def _build_modules(self, modules, recipe: Recipe, elig, cand, notes, state, offset: int = 0,
-                       progress: bool = False):
+    def _build_modules(self, modules, recipe: Recipe, elig, cand, notes, state, progress: bool = False):
         """Output module(s) and report entry of each of `modules` (in order) into `state`."""
         emit, entries = state["emit"], state["entries"]
         pages = self._pages
