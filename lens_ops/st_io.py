@@ -193,17 +193,12 @@ def save_file(tensors: dict[str, torch.Tensor], path: str, metadata: dict | None
     The safetensors library writes metadata in hash order (different bytes on every save); writing the
     format here keeps a file that was read and written back identical to the byte.
     """
-    header: dict = {}
-    if metadata:
-        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    entries: dict = {}
     offset = 0
     for k, t in tensors.items():
-        if t.dtype not in TORCH_TO_ST:
-            raise LensError(f"Tensor {k!r} has dtype {t.dtype}, which safetensors cannot store.")
-        n = t.numel() * t.element_size()
-        header[k] = {"dtype": TORCH_TO_ST[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
-        offset += n
-    raw = json.dumps(header, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+        entries[k] = _entry(k, t, offset)
+        offset = entries[k]["data_offsets"][1]
+    raw = _header_bytes(entries, metadata)
     raw += b" " * (-len(raw) % 8)
     with open(path, "wb") as f:
         f.write(len(raw).to_bytes(8, "little"))
@@ -216,12 +211,8 @@ def save_file(tensors: dict[str, torch.Tensor], path: str, metadata: dict | None
 def atomic_save(tensors: dict[str, torch.Tensor], path: str, metadata: dict | None = None,
                 forbid: tuple[str, ...] = ()) -> str:
     """Write a safetensors file via temp file + rename; refuse to overwrite any path in `forbid`."""
-    target = os.path.abspath(path)
-    for p in forbid:
-        if p and os.path.exists(p) and os.path.exists(target) and os.path.samefile(p, target):
-            raise LensError(f"Refusing to overwrite the input file {p}; choose another output name.")
+    target = _writable_target(path, forbid)
     folder = os.path.dirname(target) or "."
-    os.makedirs(folder, exist_ok=True)
     meta = {str(k): str(v) for k, v in (metadata or {}).items()}
     fd, tmp = tempfile.mkstemp(prefix=".lens-", suffix=".tmp", dir=folder)
     os.close(fd)
@@ -233,6 +224,24 @@ def atomic_save(tensors: dict[str, torch.Tensor], path: str, metadata: dict | No
             os.unlink(tmp)
         raise
     return target
+
+
+def _writable_target(path: str, forbid: tuple[str, ...]) -> str:
+    """Absolute output path, its folder created; refuses a path that is one of the inputs in `forbid`."""
+    target = os.path.abspath(path)
+    for p in forbid:
+        if p and os.path.exists(p) and os.path.exists(target) and os.path.samefile(p, target):
+            raise LensError(f"Refusing to overwrite the input file {p}; choose another output name.")
+    os.makedirs(os.path.dirname(target) or ".", exist_ok=True)
+    return target
+
+
+def _entry(key: str, t: torch.Tensor, offset: int) -> dict:
+    """A tensor's header entry when its bytes start at `offset`."""
+    if t.dtype not in TORCH_TO_ST:
+        raise LensError(f"Tensor {key!r} has dtype {t.dtype}, which safetensors cannot store.")
+    n = t.numel() * t.element_size()
+    return {"dtype": TORCH_TO_ST[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
 
 
 def _header_bytes(entries: dict, metadata: dict | None) -> bytes:
@@ -255,12 +264,8 @@ class StreamWriter:
     """
 
     def __init__(self, path: str, forbid: tuple[str, ...] = (), header_reserve: int = 0):
-        self.target = os.path.abspath(path)
-        for p in forbid:
-            if p and os.path.exists(p) and os.path.exists(self.target) and os.path.samefile(p, self.target):
-                raise LensError(f"Refusing to overwrite the input file {p}; choose another output name.")
+        self.target = _writable_target(path, forbid)
         folder = os.path.dirname(self.target) or "."
-        os.makedirs(folder, exist_ok=True)
         fd, self._tmp = tempfile.mkstemp(prefix=".lens-", suffix=".tmp", dir=folder)
         self._f = os.fdopen(fd, "wb")
         self._reserve = max(0, int(header_reserve)) + (-max(0, int(header_reserve)) % 8)
@@ -272,14 +277,10 @@ class StreamWriter:
     def add(self, key: str, tensor: torch.Tensor) -> None:
         if key in self._entries:
             raise LensError(f"Tensor {key!r} was written twice.")
-        if tensor.dtype not in TORCH_TO_ST:
-            raise LensError(f"Tensor {key!r} has dtype {tensor.dtype}, which safetensors cannot store.")
-        n = tensor.numel() * tensor.element_size()
-        self._entries[key] = {"dtype": TORCH_TO_ST[tensor.dtype], "shape": list(tensor.shape),
-                              "data_offsets": [self._offset, self._offset + n]}
-        if n:
+        entry = self._entries[key] = _entry(key, tensor, self._offset)
+        if tensor.numel():
             self._f.write(tensor.detach().reshape(-1).contiguous().cpu().view(torch.uint8).numpy().data)
-        self._offset += n
+        self._offset = entry["data_offsets"][1]
 
     def keys(self):
         return list(self._entries)
