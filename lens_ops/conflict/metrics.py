@@ -23,6 +23,8 @@ import os
 
 import torch
 
+from ..lowrank import gram
+
 REL_TOL = 1e-3  # singular values below this fraction of the largest count as numerically zero
 
 
@@ -260,28 +262,14 @@ def _bases_batch(g: torch.Tensor):
     return w, k
 
 
-def _sym_gram(x: torch.Tensor) -> torch.Tensor:
-    """XᵀX for a batch X (K×n×r) from three of its four r/2 blocks (the Gram is symmetric): ¾ of the work."""
-    r = x.shape[-1]
-    if r < 32:
-        return x.mT @ x
-    h = r // 2
-    top = x[..., :h].mT @ x                               # rows 0..h of the Gram
-    g = torch.empty(x.shape[0], r, r, dtype=x.dtype, device=x.device)
-    g[:, :h] = top
-    g[:, h:, :h] = top[:, :, h:].mT
-    g[:, h:, h:] = x[..., h:].mT @ x[..., h:]
-    return g
-
-
 def lowrank_metrics_batch(b1, a1, b2, a2, s1, s2) -> list[dict]:
     """`lowrank_metrics` for K modules of one shape at once: b1 K×n×r1, a1 K×r1×m, b2 K×n×r2, a2 K×r2×m
     (float32 or float64, on one device), s1/s2 the K scales. Gram products are one batched matmul each in the
     factors' dtype; all r×r work (Cholesky, triangular inverses, eigen fallbacks, whitened cross Grams) is
     batched in float64. Returns one metrics dict per module, equal to `lowrank_metrics` up to float rounding."""
     n, m = b1.shape[1], a1.shape[2]
-    gb11, gb12, gb22 = _sym_gram(b1).double(), (b1.mT @ b2).double(), _sym_gram(b2).double()
-    ga11, ga12, ga22 = _sym_gram(a1.mT).double(), (a1 @ a2.mT).double(), _sym_gram(a2.mT).double()
+    gb11, gb12, gb22 = gram(b1).double(), (b1.mT @ b2).double(), gram(b2).double()
+    ga11, ga12, ga22 = gram(a1.mT).double(), (a1 @ a2.mT).double(), gram(a2.mT).double()
     with small_maths(gb11.device):          # r×r LAPACK work: one thread (see small_maths)
         return _batch_from_grams(gb11, gb12, gb22, ga11, ga12, ga22, s1, s2, n, m)
 
