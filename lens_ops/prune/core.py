@@ -415,18 +415,23 @@ def prune_many(model: LoRAModel, recipes, device="cpu", progress=None, base=None
     if outputs is not None and len(recipes) == 1 and base is None and streamable(recipes[0]):
         # one output, per-module choices: a single windowed pass (decompose, prune, write, release)
         session = PruneSession(model, device, progress, None, False, 1, decompose_now=False)
-        reserve = _header_estimate(model, model.metadata) + 16384
-        sink = StreamWriter(outputs[0], forbid=(model.source,) if model.source else (), header_reserve=reserve)
+        sink = _output_sink(model, outputs[0])
         return [session.run_streamed(recipes[0], sink)]
     session = PruneSession(model, device, progress, base, any(r.lyco == "convert" for r in recipes), len(recipes))
     results = []
     for i, r in enumerate(recipes):
         sink = None
         if outputs is not None:
-            reserve = _header_estimate(model, model.metadata) + 16384
-            sink = StreamWriter(outputs[i], forbid=(model.source,) if model.source else (), header_reserve=reserve)
+            sink = _output_sink(model, outputs[i])
         results.append(session.run(r, release=(i == len(recipes) - 1), sink=sink))
     return results
+
+
+def _output_sink(model: LoRAModel, path: str) -> StreamWriter:
+    """A streamed output next to `path` that never replaces the input; header space reserved for the
+    input's keys plus room for the new metadata (the payload is moved up instead if it does not fit)."""
+    return StreamWriter(path, forbid=(model.source,) if model.source else (),
+                        header_reserve=_header_estimate(model, model.metadata) + 16384)
 
 
 def streamable(recipe: Recipe) -> bool:
