@@ -177,6 +177,21 @@ def test_cli_pack_list_extract_convert(tmp_path, loras, capsys):
     assert len(json.loads(capsys.readouterr().out)["entries"]) == 4
 
 
+def test_cli_list_and_lossless_extract_never_import_torch(tmp_path, loras):
+    """Listing and lossless extraction only move bytes: a new process must not pay torch's import
+    (about a second here), which is what keeps `lora-lens extract` of one LoRA near 0.3 s."""
+    import subprocess
+    import sys
+    db = str(tmp_path / "t.loradb")
+    pack(db, loras)
+    code = ("import sys; from lens_ops.cli import main; "
+            f"rc = main(['list', {db!r}]) + main(['extract', {db!r}, 'char_step2', '-o', {str(tmp_path / 'o')!r}]); "
+            "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH', rc)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip().endswith("NO-TORCH 0"), out
+    assert _sha(tmp_path / "o" / "char_step2.safetensors") == _sha(loras[1])
+
+
 def _first_chunk(db, index):
     from lens_ops.loradb.db import _table
     with open_collection(db) as c:

@@ -1,5 +1,9 @@
 """`lora-lens` command line. Each sibling module is one sub-command (NAME, HELP, add_arguments, run)
-and may offer a `demo(ctx)` step for `lora-lens demo`; they are discovered, not listed here."""
+and may offer a `demo(ctx)` step for `lora-lens demo`; they are discovered, not listed here.
+
+A module is named after its command, so a call names the one module it needs: only that one is
+imported, and the torch device is resolved only for commands that use it (USES_DEVICE, default True).
+`lora-lens list` and extracting lossless .loradb entries therefore never import torch."""
 from __future__ import annotations
 
 import argparse
@@ -10,27 +14,31 @@ import sys
 from ..errors import LensError
 
 
-def command_modules():
+def command_names() -> list[str]:
+    return [i.name for i in pkgutil.iter_modules(__path__) if not i.name.startswith("_")]
+
+
+def command_modules(only: str | None = None):
     mods = []
-    for info in pkgutil.iter_modules(__path__):
-        if not info.name.startswith("_"):
-            mod = importlib.import_module(f".{info.name}", __name__)
+    for name in command_names():
+        if only is None or name == only:
+            mod = importlib.import_module(f".{name}", __name__)
             if hasattr(mod, "NAME") and hasattr(mod, "run"):
                 mods.append(mod)
     return sorted(mods, key=lambda m: (getattr(m, "ORDER", 50), m.NAME))
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", help="show a traceback on errors")
     common.add_argument("--device", default="auto", help="torch device: auto (GPU when present), cpu, cuda, ...")
     parser = argparse.ArgumentParser(prog="lora-lens", description="Look inside, shrink, blend and pack LoRA files.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for mod in command_modules():
+    for mod in command_modules(only):
         p = sub.add_parser(mod.NAME, help=mod.HELP, description=getattr(mod, "DESCRIPTION", mod.HELP),
                            parents=[common])
         mod.add_arguments(p)
-        p.set_defaults(_run=mod.run)
+        p.set_defaults(_run=mod.run, _device=getattr(mod, "USES_DEVICE", True))
     return parser
 
 
@@ -44,11 +52,19 @@ def resolve_device(name: str):
         raise LensError(f"Unknown device {name!r}; use auto, cpu, cuda or cuda:N.") from None
 
 
+def _named_command(argv: list[str]) -> str | None:
+    """The sub-command an argument list names (its first non-option word), if it is one of ours."""
+    first = next((a for a in argv if not a.startswith("-")), None)
+    return first if first in command_names() else None
+
+
 def main(argv=None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else [*argv]   # (`list` here is the sub-command module)
+    parser = build_parser(_named_command(argv))
     args = parser.parse_args(argv)
     try:
-        args.device = resolve_device(args.device)
+        if args._device:
+            args.device = resolve_device(args.device)
         return int(args._run(args) or 0)
     except LensError as e:
         if args.debug:

@@ -7,6 +7,7 @@ from ..errors import LensError
 from ..progress import Bar
 
 NAME = "convert"
+USES_DEVICE = False
 ORDER = 63
 HELP = "rewrite a .loradb in LoRA Lens's format (reads the LoRA Lens app's v1.0 files; drops removed entries' bytes)"
 

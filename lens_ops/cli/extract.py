@@ -7,6 +7,7 @@ from ..errors import LensError
 from ..progress import Bar
 
 NAME = "extract"
+USES_DEVICE = False
 ORDER = 62
 HELP = "extract entries of a .loradb collection as .safetensors files (all when no ENTRY is given)"
 

@@ -8,6 +8,7 @@ from ..model import LoRAModel
 from ..summary import format_summary, summarize
 
 NAME = "info"
+USES_DEVICE = False
 ORDER = 10
 HELP = "print a short summary of a LoRA file"
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 NAME = "list"
+USES_DEVICE = False
 ORDER = 61
 HELP = "list the entries of a .loradb collection"
 

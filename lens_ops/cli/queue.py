@@ -11,6 +11,7 @@ from ..queue_runner import Job, QueueRunner
 from ..workflow import api_prompt, apply_sets, expand_over, job_prompt, load_json, lora_inputs, parse_sets
 
 NAME = "queue"
+USES_DEVICE = False
 ORDER = 80
 HELP = "queue a workflow once per LoRA on one or more ComfyUI servers"
 

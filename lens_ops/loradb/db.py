@@ -8,19 +8,20 @@ import tempfile
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable
 
 import numpy as np
 
 from .. import __version__
 from ..errors import LensError
-from ..model import DTYPE_NAMES, LoRAModel, ensure_model
-from ..st_io import save_file
 from ..training_meta import trigger_words
 from .container import Reader, Writer, loads_json
 from .entry import DedupIndex, decode_file, encode_file
 from .spec import (DEFAULT_LEVEL, FORMAT_MAJOR, FORMAT_MINOR, MAGIC, MAX_ENTRY_OUTPUT, MAX_NAME_CHARS,
                    MAX_TABLE_BYTES, WINDOWS_RESERVED)
+
+if TYPE_CHECKING:  # the model (and torch) is imported only where an entry becomes a model: listing and
+    from ..model import LoRAModel  # lossless extraction stay torch-free and start fast
 
 Progress = Callable[[int, int], None] | None
 SUFFIX = ".safetensors"
@@ -50,6 +51,7 @@ def entry_name(name) -> str:
 
 # ------------------------------------------------------------------ describing an entry
 def describe_model(model: LoRAModel) -> dict:
+    from ..model import DTYPE_NAMES
     ranks = Counter(r for m in model.modules if (r := m.rank()) is not None)
     dtypes = Counter()
     for m in model.modules:
@@ -85,6 +87,8 @@ class Source:
             self.file_name = os.path.basename(self.path)
             self._model = None
         else:
+            from ..model import ensure_model
+            from ..st_io import save_file
             model = ensure_model(item)
             fd, self.tmp = tempfile.mkstemp(prefix=".lens-src-", suffix=SUFFIX)
             os.close(fd)
@@ -97,6 +101,7 @@ class Source:
 
     def model(self) -> LoRAModel:
         if self._model is None:
+            from ..model import LoRAModel
             self._model = LoRAModel.load(self.path)
         return self._model
 
@@ -367,6 +372,7 @@ class Collection:
         return data
 
     def extract_model(self, entry: dict) -> LoRAModel:
+        from ..model import LoRAModel
         data = self.extract_bytes(entry)
         fd, tmp = tempfile.mkstemp(prefix=".lens-x-", suffix=SUFFIX)
         try:

@@ -12,16 +12,13 @@ import hashlib
 import math
 
 import numpy as np
-import torch
 
 from ..errors import LensError
-from ..st_io import read_header
+from ..st_header import read_header
 from .codec import _POOL, decode_stream, encode_stream
 from .spec import MAX_ENTRY_OUTPUT, ST_DTYPES
 
 DEDUP_MIN_BYTES = 64
-TORCH_DT = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,
-            "I8": torch.int8, "U8": torch.uint8}
 
 
 def _rows_cols(shape) -> tuple[int, int]:
@@ -45,25 +42,34 @@ class DedupIndex:
                 self.map.setdefault((seg[6], seg[1], seg[4], seg[5]), (streams[seg[2]], seg[3]))
 
 
-MM_DTYPES = {"F16": (torch.float16, np.float16, 2), "BF16": (torch.bfloat16, None, 2),
-             "F32": (torch.float32, np.float32, 4), "I8": (torch.int8, np.int8, 1)}
+MM_DTYPES = {"F16": 2, "BF16": 2, "F32": 4, "I8": 1}   # operand/product dtypes → element size
+QLR_DTYPES = ("F16", "BF16", "F32")
 MAX_INNER = 1 << 16
 
 
-def operand(stored: torch.Tensor, scale: torch.Tensor | None, transpose: bool) -> torch.Tensor:
+def torch_dtype(name: str):
+    """torch dtype of a safetensors dtype name; torch is imported only for computed (lossy) tensors,
+    so extracting lossless entries never pays its import time."""
+    import torch
+    return {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,
+            "I8": torch.int8, "U8": torch.uint8}[name]
+
+
+def operand(stored, scale, transpose: bool):
     """A stored matrix as float64 (× per-column scale), transposed if asked: the one rule pack and
     extract both use, so computed tensors are bit-identical to what was checksummed at pack time."""
+    import torch
     x = stored.to(torch.float64)
     if scale is not None:
         x = x * scale.to(torch.float64)[None, :]
     return x.T if transpose else x
 
 
-def mm_product(x: torch.Tensor, y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def mm_product(x, y, dtype):
+    import torch
     return torch.matmul(x, y).to(dtype)
 
 
-QLR_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}
 CODE_VIEW = {1: np.int8, 2: np.dtype("<i2")}
 
 
@@ -76,7 +82,7 @@ def _finite_step(x) -> float:
     return float(x)
 
 
-def qlr_build(rows: int, cols: int, axis: int, parts: list, vec, dtype: torch.dtype, what: str) -> torch.Tensor:
+def qlr_build(rows: int, cols: int, axis: int, parts: list, vec, dtype, what: str):
     """Rebuild a tensor from quantised codes (segment kind "qlr", docs/loradb.md): the one rule pack and
     extract both use, so the result is bit-identical to what was checksummed at pack time.
 
@@ -127,12 +133,15 @@ def qlr_build(rows: int, cols: int, axis: int, parts: list, vec, dtype: torch.dt
     if pos != width:
         raise bad
     # float64 → float32 → dtype, each IEEE round-to-nearest-even (spelled out so any reader gets the same bits)
+    import torch
     t = torch.from_numpy(out).to(torch.float32)
     return t if dtype == torch.float32 else t.to(dtype)
 
 
 def store_tensors(writer, tensors: dict, level: int) -> dict:
     """Write tensors (grouped by element size) as byte-grouped streams; name -> ref dict."""
+    import torch
+    names = {torch_dtype(k): k for k in MM_DTYPES}
     groups: dict[int, list] = {}
     for name, t in tensors.items():
         b = t.detach().contiguous().reshape(-1).view(torch.uint8).numpy() if t.numel() else np.zeros(0, np.uint8)
@@ -142,7 +151,7 @@ def store_tensors(writer, tensors: dict, level: int) -> dict:
         desc = encode_stream(writer, np.concatenate([b for _, _, b in items]), e, level)
         pos = 0
         for name, t, b in items:
-            dt = next(k for k, v in MM_DTYPES.items() if v[0] == t.dtype)
+            dt = names[t.dtype]
             refs[name] = {"desc": desc, "start": pos, "shape": [int(t.shape[0]), int(t.numel() // max(t.shape[0], 1))],
                           "dtype": dt}
             pos += b.size // e
@@ -312,8 +321,9 @@ def decode_file(reader, table: dict, what: str, cap: int, sink=None) -> np.ndarr
     def get_op(rec):
         if not isinstance(rec, list) or len(rec) != 8 or not isinstance(rec[4], str) or rec[4] not in MM_DTYPES:
             raise LensError(f"{what}: malformed computed-tensor operand.")
+        import torch
         sid, start, r, c, dt, tr, ssid, sstart = rec
-        tdt, ndt, es = MM_DTYPES[dt]
+        tdt, es = torch_dtype(dt), MM_DTYPES[dt]
         if not (_int(start) and _int(r, 1, 1 << 24) and _int(c, 1, 1 << 24) and isinstance(tr, bool)):
             raise LensError(f"{what}: malformed computed-tensor operand.")
         arr, e = stream(sid)
@@ -343,23 +353,23 @@ def decode_file(reader, table: dict, what: str, cap: int, sink=None) -> np.ndarr
             if (not _int(o0) or o0 != pos or not _int(n) or o0 + n > len(data) or not isinstance(dt, str)
                     or dt not in QLR_DTYPES
                     or not _int(rows, 1, 1 << 24) or not _int(cols, 1, 1 << 24)
-                    or rows * cols * MM_DTYPES[dt][2] != n):
+                    or rows * cols * MM_DTYPES[dt] != n):
                 raise LensError(f"{what}: malformed quantised-tensor record.")
-            t = qlr_build(rows, cols, axis, parts, codes, QLR_DTYPES[dt], what)
-            data[o0:o0 + n] = t.contiguous().reshape(-1).view(torch.uint8).numpy()
+            t = qlr_build(rows, cols, axis, parts, codes, torch_dtype(dt), what)
+            data[o0:o0 + n] = t.contiguous().reshape(-1).view(torch_dtype("U8")).numpy()
             pos = o0 + n
             continue
         if isinstance(seg, list) and len(seg) == 8 and seg[2] == "mm":
             o0, n, _, dt, rows, cols, xr, yr = seg
             if (not _int(o0) or o0 != pos or not _int(n) or o0 + n > len(data) or not isinstance(dt, str)
                     or dt not in MM_DTYPES
-                    or not _int(rows, 1) or not _int(cols, 1) or rows * cols * MM_DTYPES[dt][2] != n):
+                    or not _int(rows, 1) or not _int(cols, 1) or rows * cols * MM_DTYPES[dt] != n):
                 raise LensError(f"{what}: malformed computed-tensor record.")
             x, y = get_op(xr), get_op(yr)
             if x.shape[0] != rows or y.shape[1] != cols or x.shape[1] != y.shape[0] or x.shape[1] > MAX_INNER:
                 raise LensError(f"{what}: a computed tensor's operands do not fit its shape.")
-            t = mm_product(x, y, MM_DTYPES[dt][0])
-            data[o0:o0 + n] = t.contiguous().reshape(-1).view(torch.uint8).numpy()
+            t = mm_product(x, y, torch_dtype(dt))
+            data[o0:o0 + n] = t.contiguous().reshape(-1).view(torch_dtype("U8")).numpy()
             pos = o0 + n
             continue
         if (not isinstance(seg, list) or len(seg) < 6 or not _int(seg[0]) or not _int(seg[1]) or seg[0] != pos
