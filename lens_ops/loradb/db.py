@@ -99,10 +99,11 @@ class Source:
         self.name = entry_name(name) if name else self.file_name[: -len(SUFFIX)] \
             if self.file_name.lower().endswith(SUFFIX) else self.file_name
 
-    def model(self) -> LoRAModel:
+    def model(self, mapped: bool = False) -> LoRAModel:
+        """The LoRA (memory-mapped when `mapped`: its pages can be handed back, see LoRAModel.release)."""
         if self._model is None:
             from ..model import LoRAModel
-            self._model = LoRAModel.load(self.path)
+            self._model = LoRAModel.load(self.path, mapped=mapped)
         return self._model
 
     def cleanup(self):

@@ -239,8 +239,11 @@ class LossyPack:
         self.summary: dict = {}
         self.tmpdir = tempfile.mkdtemp(prefix=".lens-lossy-")
         self.shared_refs: dict = {}
+        self.spill = None
 
     def cleanup(self):
+        if self.spill is not None:
+            self.spill.close()
         shutil.rmtree(self.tmpdir, ignore_errors=True)
 
 
@@ -348,12 +351,12 @@ class ClassStreams:
         self.handles: list[dict] = []
 
     def add(self, codes) -> dict:
-        c = np.asarray(codes, dtype=np.int64).reshape(-1)
-        mx = int(np.abs(c).max(initial=0))
+        c = np.asarray(codes).reshape(-1)
+        mx = int(np.abs(c.astype(np.int64)).max(initial=0))
         e = 1 if mx <= 127 else 2
         rms = float(np.sqrt((c.astype(np.float64) ** 2).mean())) if c.size else 0.0
         key = (e, int(np.clip(np.floor(2 * np.log2(rms + 1e-9)), -8, 40)))
-        self.items.setdefault(key, []).append(c)
+        self.items.setdefault(key, []).append(c.astype(np.int8 if e == 1 else np.int16))
         h = {"key": key, "start": self.count.get(key, 0)}
         self.count[key] = h["start"] + c.size
         self.handles.append(h)
@@ -364,6 +367,7 @@ class ClassStreams:
         for key, arrs in sorted(self.items.items()):
             e = key[0]
             data = np.concatenate(arrs).astype(np.int8 if e == 1 else np.dtype("<i2")).view(np.uint8)
+            arrs.clear()
             descs[key] = encode_stream(writer, data, e, level)
         for h in self.handles:
             h["desc"] = descs[h["key"]]
@@ -386,9 +390,11 @@ def prepare_coded(srcs, writer, recipe=None, int8=False, shared_basis="off", snr
     """Quantised-coefficient coding (qcoef.py): int8 → every eligible module coded; shared basis → groups of
     related modules share a basis (auto: where the estimated bytes are lower). Per-LoRA budget snr_db."""
     from . import qcoef
+    from .spill import Spill
     out = LossyPack()
     try:
-        originals = [s.model() for s in srcs]
+        out.spill = spill = Spill(out.tmpdir)
+        originals = [s.model(mapped=True) for s in srcs]
         settings = {"coder": "qcoef", "snr_db": snr_db}
         if recipe:
             try:
@@ -434,12 +440,16 @@ def prepare_coded(srcs, writer, recipe=None, int8=False, shared_basis="off", snr
                 if len(shp) == 1:
                     cand[name] = idx
         coded_names = [set(mods[i]) if int8 else {n for n in mods[i] if n in cand} for i in range(N)]
-        svd = [{n: qcoef.Mod(mods[i][n], originals[i].get(n)) for n in coded_names[i]} for i in range(N)]
+        svd = []
+        for i in range(N):   # exact SVDs, factors parked on disk (a collection's factors need not fit in RAM)
+            svd.append({n: qcoef.Mod(mods[i][n], originals[i].get(n), spill) for n in coded_names[i]})
+            for m in originals[i].modules:
+                originals[i].release(m)
         deltas = []
         for i in range(N):
             c = qcoef.LoraCoder(i, max(budget[i], 0.0))
             for n, md in svd[i].items():
-                c.add(n, md.n, md.m, md.u, md.s, md.vh)
+                c.add(n, md.n, md.m, None, md.s, None)
             deltas.append(c.estimate_delta())
         groups: dict[str, qcoef.Group] = {}
         names = sorted(cand)
@@ -447,7 +457,7 @@ def prepare_coded(srcs, writer, recipe=None, int8=False, shared_basis="off", snr
             if progress:
                 progress(j, len(names) + N)
             idx = [i for i in cand[name] if name in svd[i]]
-            g = qcoef.Group(name, idx, [svd[i][name] for i in idx], [deltas[i] for i in idx])
+            g = qcoef.Group(name, idx, [svd[i][name] for i in idx], [deltas[i] for i in idx], spill)
             if g.choose(shared_basis):
                 g.quantise()
                 groups[name] = g
@@ -479,12 +489,14 @@ def prepare_coded(srcs, writer, recipe=None, int8=False, shared_basis="off", snr
                 if n in groups and i in groups[n].members:
                     g = groups[n]
                     k = g.members.index(i)
-                    u, s_, vh = g.residuals[k]
-                    items[n] = (md, u.numpy(), s_.numpy(), vh.numpy(), g, gnames.index(n), g.cores[k])
+                    res = g.residuals[k]
+                    u, s_, vh = res.u32, res.s.numpy(), res.vh32
+                    items[n] = (md, u, s_, vh, g, gnames.index(n), g.cores[k])
                     coder.add(n, md.n, md.m, u, s_, vh, g, g.cores[k])
                 else:
-                    items[n] = (md, md.u.numpy(), md.s.numpy(), md.vh.numpy(), None, None, None)
-                    coder.add(n, md.n, md.m, md.u, md.s, md.vh)
+                    u, s_, vh = md.u32, md.s.numpy(), md.vh32
+                    items[n] = (md, u, s_, vh, None, None, None)
+                    coder.add(n, md.n, md.m, u, s_, vh)
             coder.prepare()
             delta = coder.solve_delta() if items else 1.0
             best, lo_fail = None, None

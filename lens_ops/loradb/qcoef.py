@@ -63,17 +63,43 @@ def _h(var, step2):
 
 
 class Mod:
-    """One coded module of one LoRA: its ΔW as an exact SVD (float64), plus what is needed to rebuild it."""
+    """One coded module of one LoRA: its ΔW as an exact SVD, plus what is needed to rebuild it.
 
-    def __init__(self, m, ref_module):
+    The SVD is computed in float64; its singular vectors are kept as float32 (in a `Spill` file when one
+    is given, so a whole collection's factors need not fit in RAM). `u`/`vh` give float64 copies for the
+    maths of one module at a time, `u32`/`vh32` the stored float32 arrays."""
+
+    def __init__(self, m, ref_module, spill=None):
         b, a, sc = m.lowrank(torch.float64, "cpu")
         u, s, vh = factored_svd(b, a, sc)
         keep = s > (s[0] * 1e-12 if s.numel() else 0)
-        self.u, self.s, self.vh = u[:, keep], s[keep], vh[keep]
-        self.n, self.m = self.u.shape[0], self.vh.shape[1]
+        u, vh = u[:, keep], vh[keep]
+        self.s = s[keep]
+        self.n, self.m = int(u.shape[0]), int(vh.shape[1])
+        self._spill = spill
+        if spill is not None:
+            self._u, self._vh = spill.put(u), spill.put(vh)
+        else:
+            self._u, self._vh = u.to(torch.float32).numpy(), vh.to(torch.float32).numpy()
         self.module = m
         self.ref = ref_module
         self.energy = float((self.s ** 2).sum())
+
+    @property
+    def u32(self) -> np.ndarray:
+        return self._spill.get(self._u) if self._spill is not None else self._u
+
+    @property
+    def vh32(self) -> np.ndarray:
+        return self._spill.get(self._vh) if self._spill is not None else self._vh
+
+    @property
+    def u(self) -> torch.Tensor:
+        return torch.from_numpy(self.u32.astype(np.float64))
+
+    @property
+    def vh(self) -> torch.Tensor:
+        return torch.from_numpy(self.vh32.astype(np.float64))
 
 
 # ------------------------------------------------------------------ shared basis of one module group
@@ -121,10 +147,11 @@ def _resid_sv(s, C, a, b):
 
 
 class Group:
-    def __init__(self, name, members, mods, deltas):
+    def __init__(self, name, members, mods, deltas, spill=None):
         self.name, self.members = name, members    # LoRA indices
         self.mods = mods                            # Mod per member
         self.deltas = deltas
+        self.spill = spill                          # where residual factors are parked (None: in RAM)
         self.K = 0
 
     def choose(self, mode: str):
@@ -132,9 +159,11 @@ class Group:
         n, m = mods[0].n, mods[0].m
         T = sum(md.s.numel() for md in mods)
         kmax = min(T, n, m, KMAX_FACTOR * max(md.s.numel() for md in mods))
-        Qa, _ = _top_basis([md.u * md.s for md in mods], kmax)
-        Pa, _ = _top_basis([md.vh.T * md.s for md in mods], kmax)
-        self._proj = [(Qa.T @ md.u, md.vh @ Pa) for md in mods]
+        uv = [(md.u, md.vh) for md in mods]
+        Qa, _ = _top_basis([u * md.s for (u, _), md in zip(uv, mods)], kmax)
+        Pa, _ = _top_basis([vh.T * md.s for (_, vh), md in zip(uv, mods)], kmax)
+        self._proj = [(Qa.T @ u, vh @ Pa) for u, vh in uv]
+        del uv
         best = None
         cands = ([0] if mode == "auto" else []) + [k for k in K_CANDIDATES if k <= kmax]
         if kmax and kmax not in cands and kmax < K_CANDIDATES[-1]:
@@ -143,10 +172,11 @@ class Group:
             j = self._cost(K, Qa[:, :K], Pa[:, :K], n, m)
             if j is not None and (best is None or j < best[0]):
                 best = (j, K)
+        self._proj = None
         if best is None or best[1] == 0:
             return False
         self.K = best[1]
-        self.Q, self.P = Qa[:, :self.K], Pa[:, :self.K]
+        self.Q, self.P = Qa[:, :self.K].clone(), Pa[:, :self.K].clone()
         return True
 
     def _cost(self, K, Q, P, n, m):
@@ -182,30 +212,52 @@ class Group:
         K, n, m = self.K, self.mods[0].n, self.mods[0].m
         rows, colsn = [], []
         for md in self.mods:
-            C = (self.Q.T @ (md.u * md.s)) @ (md.vh @ self.P)
+            u, vh = md.u, md.vh
+            C = (self.Q.T @ (u * md.s)) @ (vh @ self.P)
             rows.append(C.norm(dim=1).numpy())
             colsn.append(C.norm(dim=0).numpy())
         Qn, Pn = self.Q.numpy(), self.P.numpy()
         self.q_base, self.q_w = _int_weights(_col_steps(rows, self.deltas), np.abs(Qn).max(axis=0))
-        self.q_codes = np.rint(Qn / (self.q_base * self.q_w)).astype(np.int64)
+        self.q_codes = np.rint(Qn / (self.q_base * self.q_w)).astype(np.int32)
         sp = np.maximum(_col_steps(colsn, self.deltas), np.abs(Pn).max(axis=0) / MAX_CODE)
         self.p_steps = sp
-        self.p_codes = np.rint(Pn / sp).astype(np.int64)
+        self.p_codes = np.rint(Pn / sp).astype(np.int32)
+        self.Q = self.P = Qn = Pn = None   # only the codes are needed from here on
         Qq = torch.from_numpy(self.q_codes * (self.q_base * self.q_w))
         Pq = torch.from_numpy(self.p_codes * sp)
         pq = torch.linalg.pinv(Qq)
         pp = torch.linalg.pinv(Pq)
         self.cores, self.residuals = [], []
         for md in self.mods:
-            C = (pq @ (md.u * md.s)) @ (md.vh @ pp.T)
-            b = torch.cat([md.u * md.s, -(Qq @ C)], 1)
-            a = torch.cat([md.vh, Pq.T], 0)
+            u0, vh0 = md.u, md.vh
+            C = (pq @ (u0 * md.s)) @ (vh0 @ pp.T)
+            b = torch.cat([u0 * md.s, -(Qq @ C)], 1)
+            a = torch.cat([vh0, Pq.T], 0)
             u, s, vh = factored_svd(b, a)
             keep = s > (s[0] * 1e-12 if s.numel() and s[0] > 0 else 0)
             self.cores.append(C.numpy())
-            self.residuals.append((u[:, keep], s[keep], vh[keep]))
+            self.residuals.append(_Residual(u[:, keep], s[keep], vh[keep], self.spill))
         qmax = np.abs(self.q_codes * self.q_w).max(initial=0)
         return qmax
+
+
+class _Residual:
+    """A member's own directions beyond the shared basis: s in RAM, u and vh float32 (parked like Mod's)."""
+
+    def __init__(self, u, s, vh, spill):
+        self.s, self._spill = s, spill
+        if spill is not None:
+            self._u, self._vh = spill.put(u), spill.put(vh)
+        else:
+            self._u, self._vh = u.to(torch.float32).numpy(), vh.to(torch.float32).numpy()
+
+    @property
+    def u32(self) -> np.ndarray:
+        return self._spill.get(self._u) if self._spill is not None else self._u
+
+    @property
+    def vh32(self) -> np.ndarray:
+        return self._spill.get(self._vh) if self._spill is not None else self._vh
 
 
 # ------------------------------------------------------------------ per-LoRA allocation
@@ -217,6 +269,7 @@ class LoraCoder:
         self.items = []      # (name, n, m, u, s, vh, group or None, core or None)
 
     def add(self, name, n, m, u, s, vh, group=None, core=None):
+        """u, vh: float32 (or float64) arrays, kept by reference (Mod.u32 views cost no RAM)."""
         self.items.append((name, n, m, u.numpy() if torch.is_tensor(u) else u, s.numpy() if torch.is_tensor(s) else s,
                            vh.numpy() if torch.is_tensor(vh) else vh, group, core))
 
@@ -243,8 +296,8 @@ class LoraCoder:
         k = 0
         for name, n, m, u, s, vh, g, core in self.items:
             for d in range(s.shape[0]):
-                bs.append(u[:, d] * s[d])
-                bs.append(vh[d] * s[d])
+                bs.append(u[:, d].astype(np.float64) * float(s[d]))
+                bs.append(vh[d].astype(np.float64) * float(s[d]))
                 dirs += [k, k]
                 dir_e.append(float(s[d]) ** 2)
                 dir_w.append(n + m)
@@ -252,7 +305,7 @@ class LoraCoder:
         self.ndir = k
         lens = np.array([len(x) for x in bs], dtype=np.int64)
         self.coef = np.concatenate(bs) if bs else np.zeros(0)
-        self.coef_dir = np.repeat(np.array(dirs, dtype=np.int64), lens) if bs else np.zeros(0, np.int64)
+        self.coef_dir = np.repeat(np.array(dirs, dtype=np.int32), lens) if bs else np.zeros(0, np.int32)
         self.dir_e = np.array(dir_e)
         self.dir_w = np.array(dir_w, dtype=np.float64)
         cores = [it[7].reshape(-1) for it in self.items if it[7] is not None]
@@ -323,14 +376,14 @@ def module_parts(n, m, u, s, vh, delta, group=None, gi=None, core=None):
             continue
         e = _exp_balance(sd / math.sqrt(n), 1 / math.sqrt(m))
         su, sa = _short(delta * 2.0 ** -e), _short((delta / sd) * 2.0 ** e)
-        cb = quant(u[:, d] * (sd * 2.0 ** -e), su)
-        ca = quant(vh[d] * 2.0 ** e, sa)
+        cb = quant(u[:, d].astype(np.float64) * (sd * 2.0 ** -e), su)
+        ca = quant(vh[d].astype(np.float64) * 2.0 ** e, sa)
         if not cb.any() or not ca.any():
             continue
         if max(np.abs(cb).max(), np.abs(ca).max()) > MAX_CODE:
             return None
-        up_parts.append(["v", cb, su])
-        down_parts.append(["v", ca, sa])
+        up_parts.append(["v", cb.astype(np.int32), su])   # |codes| ≤ MAX_CODE: int32 halves what a LoRA holds
+        down_parts.append(["v", ca.astype(np.int32), sa])
         R += 1
     return R, up_parts, down_parts
 
