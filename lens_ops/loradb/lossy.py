@@ -341,6 +341,18 @@ def prepare_lossy(srcs, writer, recipe=None, int8=False, shared_basis="off", snr
 
 
 # ------------------------------------------------------------------ quantised-coefficient coding (qcoef.py)
+def give_back_free_memory() -> None:
+    """Return freed heap pages to the system (glibc's malloc_trim; a no-op elsewhere). Coding one LoRA makes
+    millions of small code arrays; without this, their freed space stays counted against the process and
+    grows from LoRA to LoRA."""
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+
 class ClassStreams:
     """Integer code vectors grouped by magnitude class (one byte-grouped zstd stream per class), so the
     entropy coder sees values of one distribution at a time."""
@@ -401,7 +413,13 @@ def prepare_coded(srcs, writer, recipe=None, int8=False, shared_basis="off", snr
                 from ..prune import prune_model
             except ImportError:
                 raise LensError("Pruning is not available in this installation (lens_ops.prune is missing).") from None
-            models = [prune_model(m, recipe, device, None)[0] for m in originals]
+            models = []
+            for i, m in enumerate(originals):   # pruned LoRAs parked on disk too, read back memory-mapped
+                pm = prune_model(m, recipe, device, None)[0]
+                path = os.path.join(out.tmpdir, f"pruned_{i}.safetensors")
+                save_file(pm.state_dict(), path, pm.metadata or None)
+                del pm
+                models.append(LoRAModel.load(path, mapped=True))
             settings["recipe"] = recipe
         else:
             models = list(originals)
@@ -559,9 +577,12 @@ def prepare_coded(srcs, writer, recipe=None, int8=False, shared_basis="off", snr
             used_shared = any(n in groups and i in groups[n].members for n in parts_of)
             layers = (["prune"] if recipe else []) + (["quantized"] if parts_of or dropped else []) + \
                 (["shared-basis"] if used_shared else [])
+            n_shared = sum(1 for n in parts_of if n in groups)
+            del coder, items, best, new_mods, parts_of
+            give_back_free_memory()
             out.outputs[i] = {"path": path, "layers": layers or ["lossy"], "error": err,
                               "settings": {**settings, "step": delta}, "computed": computed,
-                              "shared_modules": sum(1 for n in parts_of if n in groups),
+                              "shared_modules": n_shared,
                               "extra_bytes": own_bytes}
         # the shared basis streams are attributed to the entries that use them (by modules used), so the
         # per-entry stored sizes add up to the payload

@@ -33,6 +33,7 @@ DROP_TAU = float(_os.environ.get("LENS_QC_TAU", 3.0))    # drop a direction when
 BASIS_RHO = float(_os.environ.get("LENS_QC_RHO", 0.7))   # shared basis steps: ρ × the finest step its LoRAs use (measured)
 ROUND_F = float(_os.environ.get("LENS_QC_F", 0.5))      # rounding offset (0.5: nearest; below: dead zone)
 MAX_CODE = 32767
+ERROR_CHUNK = 1 << 22   # coefficients per pass when a LoRA's rounding error is evaluated
 
 
 def quant(x, step):
@@ -291,31 +292,61 @@ class LoraCoder:
         return lo
 
     def prepare(self):
-        """Flatten every coefficient once so the error of any Δ is a few vectorised numpy passes."""
-        bs, ws, dirs, dir_e, dir_w = [], [], [], [], []
-        k = 0
+        """Flatten every coefficient once so the error of any Δ is a few vectorised numpy passes.
+        Direction k's coefficients (its b part, then its a part) are one contiguous run starting at
+        dir_start[k]; chunks of whole directions are evaluated side by side (numpy releases the GIL)."""
+        total = sum(s.shape[0] * (n + m) for _, n, m, _, s, _, _, _ in self.items)
+        self.coef = np.empty(total)   # filled in place: no per-direction temporaries (they fragment the heap)
+        dir_e, dir_w, starts = [], [], []
+        pos = 0
         for name, n, m, u, s, vh, g, core in self.items:
             for d in range(s.shape[0]):
-                bs.append(u[:, d].astype(np.float64) * float(s[d]))
-                bs.append(vh[d].astype(np.float64) * float(s[d]))
-                dirs += [k, k]
-                dir_e.append(float(s[d]) ** 2)
+                sd = float(s[d])
+                b, a = self.coef[pos:pos + n], self.coef[pos + n:pos + n + m]
+                b[:] = u[:, d]
+                b *= sd
+                a[:] = vh[d]
+                a *= sd
+                starts.append(pos)
+                pos += n + m
+                dir_e.append(sd ** 2)
                 dir_w.append(n + m)
-                k += 1
-        self.ndir = k
-        lens = np.array([len(x) for x in bs], dtype=np.int64)
-        self.coef = np.concatenate(bs) if bs else np.zeros(0)
-        self.coef_dir = np.repeat(np.array(dirs, dtype=np.int32), lens) if bs else np.zeros(0, np.int32)
+        self.ndir = len(starts)
+        self.dir_start = np.array(starts, dtype=np.int64)
         self.dir_e = np.array(dir_e)
         self.dir_w = np.array(dir_w, dtype=np.float64)
         cores = [it[7].reshape(-1) for it in self.items if it[7] is not None]
         self.core_coef = np.concatenate(cores) if cores else np.zeros(0)
+        self.chunks = []   # (first direction, end direction) with about ERROR_CHUNK coefficients each
+        k = 0
+        while k < self.ndir:
+            end = int(np.searchsorted(self.dir_start, self.dir_start[k] + ERROR_CHUNK, side="left"))
+            end = max(end, k + 1)
+            self.chunks.append((k, end))
+            k = end
+
+    def _chunk_error(self, job):
+        (k0, k1), delta = job
+        a = int(self.dir_start[k0])
+        b = int(self.dir_start[k1]) if k1 < self.ndir else self.coef.size
+        c = self.coef[a:b]
+        if ROUND_F == 0.5:   # rounding to nearest: the same codes as quant() (ties have measure zero)
+            r = np.rint(c / delta)
+            r *= -delta
+            r += c
+        else:
+            r = c - delta * quant(c, delta)
+        r *= r
+        return k0, np.add.reduceat(r, self.dir_start[k0:k1] - a)
 
     def error_at(self, delta, fixed=0.0):
+        """Exact rounding error of every kept direction at step Δ, plus the energy of the dropped ones."""
+        from .codec import _POOL
         th = delta * delta / 12
         keep = self.dir_e > DROP_TAU * self.dir_w * th
-        r = self.coef - delta * quant(self.coef, delta)
-        per = np.bincount(self.coef_dir, r * r, minlength=self.ndir) if self.ndir else np.zeros(0)
+        per = np.zeros(self.ndir)
+        for k0, part in _POOL.map(self._chunk_error, [(ch, delta) for ch in self.chunks]):
+            per[k0:k0 + part.size] = part
         err = float(per[keep].sum() + self.dir_e[~keep].sum())
         c = self.core_coef
         err += float(((c - delta * quant(c, delta)) ** 2).sum())

@@ -16,8 +16,8 @@ import numpy as np
 
 
 class Spill:
-    """Append-only store: `put(array) -> ref`, `get(ref) -> float32 numpy view` (writable, copy-on-write,
-    so changing a view never changes the file). Close removes the file."""
+    """Append-only store: `put(array) -> ref`, `get(ref) -> read-only float32 numpy view` (copy it to
+    compute in place). Close removes the file."""
 
     def __init__(self, folder: str | None = None):
         fd, self.path = tempfile.mkstemp(prefix=".lens-spill-", suffix=".f32", dir=folder)
@@ -28,7 +28,8 @@ class Spill:
     def put(self, x) -> tuple[int, tuple[int, ...]]:
         a = np.ascontiguousarray(x.numpy() if hasattr(x, "numpy") else x, dtype=np.float32)
         off = self.size
-        self._f.write(memoryview(a).cast("B"))
+        if a.size:
+            self._f.write(memoryview(a.reshape(-1)).cast("B"))
         self.size += a.nbytes
         return off, tuple(a.shape)
 
@@ -39,7 +40,7 @@ class Spill:
             return np.zeros(shape, np.float32)
         if self._mm is None or off + 4 * n > len(self._mm):
             self._f.flush()   # map everything written so far (earlier maps live on while views use them)
-            self._mm = mmap.mmap(self._f.fileno(), 0, access=mmap.ACCESS_COPY)
+            self._mm = mmap.mmap(self._f.fileno(), 0, access=mmap.ACCESS_READ)
         return np.frombuffer(self._mm, dtype=np.float32, count=n, offset=off).reshape(shape)
 
     def close(self):
