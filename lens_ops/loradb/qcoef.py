@@ -63,28 +63,16 @@ def _h(var, step2):
     return 0.5 * np.log2(1.0 + LOG2E2 * np.asarray(var) / step2)
 
 
-class Mod:
-    """One coded module of one LoRA: its ΔW as an exact SVD, plus what is needed to rebuild it.
+class _Parked:
+    """Singular vectors kept as float32: in a `Spill` file when one is given (a whole collection's factors
+    need not fit in RAM), else in memory. `u32`/`vh32` are the stored arrays."""
 
-    The SVD is computed in float64; its singular vectors are kept as float32 (in a `Spill` file when one
-    is given, so a whole collection's factors need not fit in RAM). `u`/`vh` give float64 copies for the
-    maths of one module at a time, `u32`/`vh32` the stored float32 arrays."""
-
-    def __init__(self, m, ref_module, spill=None):
-        b, a, sc = m.lowrank(torch.float64, "cpu")
-        u, s, vh = factored_svd(b, a, sc)
-        keep = s > (s[0] * 1e-12 if s.numel() else 0)
-        u, vh = u[:, keep], vh[keep]
-        self.s = s[keep]
-        self.n, self.m = int(u.shape[0]), int(vh.shape[1])
+    def _park(self, u, vh, spill):
         self._spill = spill
         if spill is not None:
             self._u, self._vh = spill.put(u), spill.put(vh)
         else:
             self._u, self._vh = u.to(torch.float32).numpy(), vh.to(torch.float32).numpy()
-        self.module = m
-        self.ref = ref_module
-        self.energy = float((self.s ** 2).sum())
 
     @property
     def u32(self) -> np.ndarray:
@@ -93,6 +81,25 @@ class Mod:
     @property
     def vh32(self) -> np.ndarray:
         return self._spill.get(self._vh) if self._spill is not None else self._vh
+
+
+class Mod(_Parked):
+    """One coded module of one LoRA: its ΔW as an exact SVD, plus what is needed to rebuild it.
+
+    The SVD is computed in float64, its singular vectors are parked as float32 (_Parked); `u`/`vh` give
+    float64 copies for the maths of one module at a time."""
+
+    def __init__(self, m, ref_module, spill=None):
+        b, a, sc = m.lowrank(torch.float64, "cpu")
+        u, s, vh = factored_svd(b, a, sc)
+        keep = s > (s[0] * 1e-12 if s.numel() else 0)
+        u, vh = u[:, keep], vh[keep]
+        self.s = s[keep]
+        self.n, self.m = int(u.shape[0]), int(vh.shape[1])
+        self._park(u, vh, spill)
+        self.module = m
+        self.ref = ref_module
+        self.energy = float((self.s ** 2).sum())
 
     @property
     def u(self) -> torch.Tensor:
@@ -242,23 +249,12 @@ class Group:
         return qmax
 
 
-class _Residual:
-    """A member's own directions beyond the shared basis: s in RAM, u and vh float32 (parked like Mod's)."""
+class _Residual(_Parked):
+    """A member's own directions beyond the shared basis: s in RAM, u and vh parked."""
 
     def __init__(self, u, s, vh, spill):
-        self.s, self._spill = s, spill
-        if spill is not None:
-            self._u, self._vh = spill.put(u), spill.put(vh)
-        else:
-            self._u, self._vh = u.to(torch.float32).numpy(), vh.to(torch.float32).numpy()
-
-    @property
-    def u32(self) -> np.ndarray:
-        return self._spill.get(self._u) if self._spill is not None else self._u
-
-    @property
-    def vh32(self) -> np.ndarray:
-        return self._spill.get(self._vh) if self._spill is not None else self._vh
+        self.s = s
+        self._park(u, vh, spill)
 
 
 # ------------------------------------------------------------------ per-LoRA allocation
