@@ -352,7 +352,6 @@ def give_back_free_memory() -> None:
         pass
 
 
-
 class ClassStreams:
     """Integer code vectors grouped by magnitude class (one byte-grouped zstd stream per class), so the
     entropy coder sees values of one distribution at a time."""
