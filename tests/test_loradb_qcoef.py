@@ -44,5 +44,7 @@ def test_spill_round_trips_float32_and_removes_its_file(tmp_path):
         sp.get(rb)[0, 0] = 123.0
     assert sp.get(rb)[0, 0] == b[0, 0].item()
     assert sp.get(sp.put(torch.zeros(0, 4))).shape == (0, 4)
+    sp.release()                              # pages unmapped from the process: still readable
+    assert np.array_equal(sp.get(ra), a.to(torch.float32).numpy())
     sp.close()
     assert not list(tmp_path.iterdir())

@@ -460,8 +460,9 @@ def prepare_coded(srcs, writer, recipe=None, int8=False, shared_basis="off", snr
         svd = []
         for i in range(N):   # exact SVDs, factors parked on disk (a collection's factors need not fit in RAM)
             svd.append({n: qcoef.Mod(mods[i][n], originals[i].get(n), spill) for n in coded_names[i]})
-            for m in originals[i].modules:
-                originals[i].release(m)
+            for mdl in (originals[i], models[i]):   # their pages are re-read from the page cache if needed
+                for m in mdl.modules:
+                    mdl.release(m)
         deltas = []
         for i in range(N):
             c = qcoef.LoraCoder(i, max(budget[i], 0.0))
@@ -478,6 +479,7 @@ def prepare_coded(srcs, writer, recipe=None, int8=False, shared_basis="off", snr
             if g.choose(shared_basis):
                 g.quantise()
                 groups[name] = g
+        spill.release()
         gnames = list(groups)
         shared_codes = {}
         for gi, name in enumerate(gnames):
@@ -578,6 +580,10 @@ def prepare_coded(srcs, writer, recipe=None, int8=False, shared_basis="off", snr
                 (["shared-basis"] if used_shared else [])
             n_shared = sum(1 for n in parts_of if n in groups)
             del coder, items, best, new_mods, parts_of
+            for mdl in (orig, model):
+                for m in mdl.modules:
+                    mdl.release(m)
+            spill.release()
             give_back_free_memory()
             out.outputs[i] = {"path": path, "layers": layers or ["lossy"], "error": err,
                               "settings": {**settings, "step": delta}, "computed": computed,

@@ -43,6 +43,12 @@ class Spill:
             self._mm = mmap.mmap(self._f.fileno(), 0, access=mmap.ACCESS_READ)
         return np.frombuffer(self._mm, dtype=np.float32, count=n, offset=off).reshape(shape)
 
+    def release(self) -> None:
+        """Unmap the pages read so far from this process (they stay in the page cache; views re-read them on
+        use), so the parked factors do not count as resident memory while they are not in use."""
+        if self._mm is not None and hasattr(mmap, "MADV_DONTNEED"):
+            self._mm.madvise(mmap.MADV_DONTNEED)
+
     def close(self):
         self._mm = None
         try:
