@@ -92,8 +92,8 @@ def qlr_build(rows: int, cols: int, axis: int, parts: list, vec, dtype, what: st
     bad = LensError(f"{what}: malformed quantised-tensor record.")
     if axis not in (0, 1) or not isinstance(parts, list):
         raise bad
-    out = np.empty((rows, cols), np.float64)
     L, width = (rows, cols) if axis == 1 else (cols, rows)
+    buf = np.empty((width, L), np.float64)   # one row per part's column/row: contiguous writes either way
     pos = 0
     try:
         for p in parts:
@@ -102,11 +102,7 @@ def qlr_build(rows: int, cols: int, axis: int, parts: list, vec, dtype, what: st
             if p[0] == "v" and len(p) == 3:
                 if pos >= width:
                     raise bad
-                v = np.asarray(vec(p[1], L), dtype=np.float64) * _finite_step(p[2])
-                if axis == 1:
-                    out[:, pos] = v
-                else:
-                    out[pos] = v
+                np.multiply(np.asarray(vec(p[1], L), dtype=np.float64), _finite_step(p[2]), out=buf[pos])
                 pos += 1
             elif p[0] == "qc" and len(p) == 6 and axis == 1:
                 _, step, qrefs, w, cref, c = p
@@ -123,7 +119,7 @@ def qlr_build(rows: int, cols: int, axis: int, parts: list, vec, dtype, what: st
                 cm = np.asarray(vec(cref, K * c), dtype=np.float64).reshape(K, c)
                 if K * float(np.abs(q).max(initial=0)) * float(np.abs(cm).max(initial=0)) >= 2.0 ** 53:
                     raise LensError(f"{what}: a quantised product exceeds the exact-integer range.")
-                out[:, pos:pos + c] = (q @ cm) * step
+                buf[pos:pos + c] = ((q @ cm) * step).T   # an exact integer product: any order, same bits
                 pos += c
             else:
                 raise bad
@@ -132,9 +128,14 @@ def qlr_build(rows: int, cols: int, axis: int, parts: list, vec, dtype, what: st
                                        "record")) from None
     if pos != width:
         raise bad
-    # float64 → float32 → dtype, each IEEE round-to-nearest-even (spelled out so any reader gets the same bits)
+    # float64 → float32 → dtype, each IEEE round-to-nearest-even (spelled out so any reader gets the same
+    # bits; numpy's and torch's conversions agree bit for bit, numpy's need no thread pool)
     import torch
-    t = torch.from_numpy(out).to(torch.float32)
+    with np.errstate(over="ignore"):
+        o32 = np.ascontiguousarray(buf.T if axis == 1 else buf, dtype=np.float32)
+        if dtype == torch.float16:
+            return torch.from_numpy(o32.astype(np.float16))
+    t = torch.from_numpy(o32)
     return t if dtype == torch.float32 else t.to(dtype)
 
 
