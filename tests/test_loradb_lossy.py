@@ -141,3 +141,26 @@ def test_reads_files_of_format_2_0(tmp_path, name):
             assert len(m.modules) == 2 and e["error"]["snr_db"] >= 35.0
     if "shared" in name:
         assert "mm" in kinds
+
+
+def test_lossy_pack_reports_progress_from_the_first_phase(tmp_path):
+    """The decomposition of every LoRA comes first and takes minutes on whole files: the bar must move
+    during it, never go backwards within the lossy preparation, and reach its end."""
+    from lens_ops.loradb.lossy import prepare_coded
+    files = _variants(tmp_path, n=3, modules=3)
+    calls = []
+    from lens_ops.loradb.db import _sources
+    from lens_ops.loradb.container import Writer
+    srcs = _sources(files)
+    w = Writer(str(tmp_path / "p.loradb"))
+    try:
+        lp = prepare_coded(srcs, w, recipe="energy=0.9999", int8=True, shared_basis="on",
+                           progress=lambda d, t: calls.append((d, t)))
+        lp.cleanup()
+    finally:
+        w.abort()
+        for s in srcs:
+            s.cleanup()
+    done = [d for d, t in calls]
+    assert all(t == 1000 for _, t in calls) and done == sorted(done) and done[-1] == 1000
+    assert any(0 < d <= 250 for d in done)   # moved during the prune + decomposition phase

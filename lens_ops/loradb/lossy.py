@@ -403,6 +403,10 @@ def prepare_coded(srcs, writer, recipe=None, int8=False, shared_basis="off", snr
     from . import qcoef
     from .spill import Spill
     out = LossyPack()
+
+    def report(frac: float):   # one bar over all phases, weighted by their measured share of the time
+        if progress:
+            progress(int(round(1000 * frac)), 1000)
     try:
         out.spill = spill = Spill(out.tmpdir)
         originals = [s.model(mapped=True) for s in srcs]
@@ -419,6 +423,7 @@ def prepare_coded(srcs, writer, recipe=None, int8=False, shared_basis="off", snr
                 save_file(pm.state_dict(), path, pm.metadata or None)
                 del pm
                 models.append(LoRAModel.load(path, mapped=True))
+                report(0.1 * (i + 1) / len(originals))
             settings["recipe"] = recipe
         else:
             models = list(originals)
@@ -463,6 +468,7 @@ def prepare_coded(srcs, writer, recipe=None, int8=False, shared_basis="off", snr
             for mdl in (originals[i], models[i]):   # their pages are re-read from the page cache if needed
                 for m in mdl.modules:
                     mdl.release(m)
+            report(0.1 + 0.15 * (i + 1) / N)
         deltas = []
         for i in range(N):
             c = qcoef.LoraCoder(i, max(budget[i], 0.0))
@@ -472,8 +478,7 @@ def prepare_coded(srcs, writer, recipe=None, int8=False, shared_basis="off", snr
         groups: dict[str, qcoef.Group] = {}
         names = sorted(cand)
         for j, name in enumerate(names):
-            if progress:
-                progress(j, len(names) + N)
+            report(0.25 + 0.35 * j / len(names))
             idx = [i for i in cand[name] if name in svd[i]]
             g = qcoef.Group(name, idx, [svd[i][name] for i in idx], [deltas[i] for i in idx], spill)
             if g.choose(shared_basis):
@@ -497,8 +502,7 @@ def prepare_coded(srcs, writer, recipe=None, int8=False, shared_basis="off", snr
         scs.flush(writer, level)
         shared_bytes = writer.written - before
         for i, (src, orig, model) in enumerate(zip(srcs, originals, models)):
-            if progress:
-                progress(len(names) + i, len(names) + N)
+            report(0.6 + 0.4 * i / N)
             if not coded_names[i] and not recipe:
                 continue   # nothing lossy happened to this entry: it is stored losslessly
             coder = qcoef.LoraCoder(i, max(budget[i], 0.0))
@@ -598,8 +602,7 @@ def prepare_coded(srcs, writer, recipe=None, int8=False, shared_basis="off", snr
                 o["extra_bytes"] += o["shared_bytes"]
         out.summary = {"settings": settings, "shared_basis_modules": len(groups), "shared_basis_bytes": shared_bytes,
                        "snr_budget_db": snr_db}
-        if progress:
-            progress(len(names) + N, len(names) + N)
+        report(1.0)
         return out
     except BaseException:
         out.cleanup()
