@@ -389,7 +389,9 @@ def module_parts(n, m, u, s, vh, delta, group=None, gi=None, core=None):
         if bound >= 2.0 ** 53:
             return None
         if np.any(cc):
-            up_val = (qw.astype(np.float64) @ cc.astype(np.float64)) * (group.q_base * delta)
+            # torch's pool, not numpy's BLAS: the two pools spin against each other (entry.qlr_build)
+            up_val = (torch.from_numpy(qw.astype(np.float64)) @ torch.from_numpy(cc.astype(np.float64))).numpy() \
+                * (group.q_base * delta)
             down_val = group.p_codes * group.p_steps
             e = _exp_balance(float(np.sqrt((up_val ** 2).mean())), float(np.sqrt((down_val ** 2).mean())))
             up_parts.append(["qc", _short(group.q_base * delta * 2.0 ** -e), [("shared", gi, j) for j in range(group.K)],
