@@ -272,12 +272,20 @@ class LoraCoder:
 
     def estimate_delta(self):
         """Δ from the high-rate model: Σ dropped σ² + Σ kept (n+m)Δ²/12 = budget."""
-        sv = [(float(x) ** 2, n + m) for _, n, m, _, s, _, _, _ in self.items for x in s]
-        sv += [(float(c) ** 2, 1) for it in self.items if it[7] is not None for c in it[7].reshape(-1)]
-        if not sv:
+        es, ws = [], []   # energy and stored codes of every direction (σ², n+m), then of every core entry (c², 1)
+        for _, n, m, _, s, _, _, _ in self.items:
+            s = np.asarray(s, dtype=np.float64).reshape(-1)
+            es.append(s * s)
+            ws.append(np.full(s.size, float(n + m)))
+        for it in self.items:
+            if it[7] is not None:
+                c = np.asarray(it[7], dtype=np.float64).reshape(-1)
+                es.append(c * c)
+                ws.append(np.ones(c.size))
+        e = np.concatenate(es) if es else np.zeros(0)
+        if not e.size:
             return 1.0
-        e = np.array([a for a, _ in sv])
-        w = np.array([b for _, b in sv], dtype=np.float64)
+        w = np.concatenate(ws)
         lo, hi = 1e-30, math.sqrt(12 * e.max()) * 10
         for _ in range(100):
             d = math.sqrt(lo * hi)
