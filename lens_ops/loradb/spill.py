@@ -54,5 +54,7 @@ class Spill:
         try:
             self._f.close()
         finally:
-            if os.path.exists(self.path):
+            try:
                 os.unlink(self.path)
+            except OSError:   # already gone, or still mapped on Windows: the caller's temp folder cleanup retries
+                pass
