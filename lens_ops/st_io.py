@@ -19,7 +19,7 @@ import torch
 from safetensors import safe_open
 
 from .errors import LensError
-from .st_header import DTYPE_BYTES, MAX_HEADER_BYTES, PICKLE_SUFFIXES, read_header  # noqa: F401
+from .st_header import read_header  # noqa: F401  (re-exported: callers read headers through st_io)
 
 
 def load_file(path: str, keys: list[str] | None = None, device: str | torch.device = "cpu",

@@ -229,10 +229,12 @@ def pack(out_path: str, items: Iterable, name: str = "", creator: str = "", desc
     lossy = None
     try:
         if recipe or int8 or shared_basis != "off":
-            from .lossy import prepare_coded, prepare_lossy
-            prep = prepare_coded if (int8 or shared_basis != "off") else prepare_lossy
-            lossy = prep(srcs, writer, recipe=recipe, int8=int8, shared_basis=shared_basis,
-                                  snr_db=snr_db, level=level, device=device, progress=progress)
+            from .lossy import prepare_coded, prepare_pruned
+            if int8 or shared_basis != "off":
+                lossy = prepare_coded(srcs, writer, recipe=recipe, int8=int8, shared_basis=shared_basis,
+                                      snr_db=snr_db, level=level, device=device, progress=progress)
+            else:
+                lossy = prepare_pruned(srcs, recipe, snr_db=snr_db, device=device)
         _write_entries(writer, header, srcs, DedupIndex() if dedup else None, level,
                        lossy.outputs if lossy else None, progress)
         if lossy:

@@ -140,26 +140,6 @@ def qlr_build(rows: int, cols: int, axis: int, parts: list, vec, dtype, what: st
     return t if dtype == torch.float32 else t.to(dtype)
 
 
-def store_tensors(writer, tensors: dict, level: int) -> dict:
-    """Write tensors (grouped by element size) as byte-grouped streams; name -> ref dict."""
-    import torch
-    names = {torch_dtype(k): k for k in MM_DTYPES}
-    groups: dict[int, list] = {}
-    for name, t in tensors.items():
-        b = t.detach().contiguous().reshape(-1).view(torch.uint8).numpy() if t.numel() else np.zeros(0, np.uint8)
-        groups.setdefault(t.element_size(), []).append((name, t, b))
-    refs = {}
-    for e, items in groups.items():
-        desc = encode_stream(writer, np.concatenate([b for _, _, b in items]), e, level)
-        pos = 0
-        for name, t, b in items:
-            dt = names[t.dtype]
-            refs[name] = {"desc": desc, "start": pos, "shape": [int(t.shape[0]), int(t.numel() // max(t.shape[0], 1))],
-                          "dtype": dt}
-            pos += b.size // e
-    return refs
-
-
 def encode_file(writer, path: str, dedup: DedupIndex | None, level: int,
                 computed: dict | None = None) -> tuple[dict, dict]:
     """Encode the safetensors file at `path`; returns (entry table, stats). `computed` maps tensor names

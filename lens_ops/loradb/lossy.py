@@ -1,14 +1,9 @@
-"""Lossy layers of a .loradb: PruneRank recipe, int8 (alpha folded, QuantizeInt8) and shared-basis coding.
+"""Lossy layers of a .loradb: the PruneRank recipe alone (`prepare_pruned`), or quantised-coefficient
+coding with optional shared bases for related LoRAs (`prepare_coded`, maths in qcoef.py).
 
-Shared basis (per module name, over every entry that has that module with the same shape): with each
-LoRA's exact factored SVD ΔWᵢ = Uᵢ Sᵢ Vᵢᵀ (lens_ops.lowrank), the group's column basis U is the top-k left
-singular space of [U₁S₁ … U_NS_N] and the row basis V likewise from [V₁S₁ …]; each LoRA keeps a small core
-Cᵢ = U⁺ ΔWᵢ V⁺ᵀ (k×k, rank ≤ rᵢ), stored as two fp16 factors Lᵢ (k×r′) and Rᵢ (r′×k). Extraction computes
-upᵢ = U·Lᵢ and downᵢ = Rᵢ·Vᵀ (float64, rounded to the entry's dtype): a standard LoRA again. U and V are
-stored once (fp16, or int8 with one scale per column when int8 is asked for). k is the smallest value at
-which every LoRA of the group keeps its module ΔW SNR ≥ the budget *after* all rounding (measured
-exactly from the factors); `auto` uses the shared basis only where it needs fewer bytes than the
-LoRAs' own factors, `on` wherever the budget can be met with a k below the group's total rank.
+Both write each lossy entry as a standard safetensors file first, measure its exact ΔW error against the
+original (`error_of`) and hand it to the entry encoder; coded entries also carry the recipes that rebuild
+their tensors from integer codes (segment kind "qlr", docs/loradb.md).
 """
 from __future__ import annotations
 
@@ -21,16 +16,10 @@ import numpy as np
 import torch
 
 from ..errors import LensError
-from ..lowrank import factored_svd, frobenius_inner
+from ..lowrank import frobenius_inner
 from ..model import LoRAModel
 from ..st_io import save_file
 from .codec import encode_stream
-from .entry import mm_product, operand, store_tensors
-
-ELIGIBLE_ROLES = ({"up", "down"}, {"up", "down", "alpha"})
-FLOATS = (torch.float16, torch.bfloat16, torch.float32)
-INT8_MARGIN_DB = 4.0   # int8 modules keep ≥ budget + 4 dB on their own (room for pruning's error)
-LOSSLESS_GUESS = {1: 0.95, 2: 0.82, 4: 0.9}   # measured lossless ratios of factor bytes per element size
 
 
 def module_snr(orig, new, device="cpu") -> tuple[float, float]:
@@ -77,161 +66,6 @@ def error_of(orig: LoRAModel, new: LoRAModel, device="cpu") -> dict:
             "measured": "exact ΔW Frobenius error against the original, all modules, at pack time"}
 
 
-# ------------------------------------------------------------------ shared basis
-def _eligible(m) -> bool:
-    if set(m.tensors) not in ELIGIBLE_ROLES or m.kind.name != "lora" or m.is_dora:
-        return False
-    up, down = m.tensors["up"], m.tensors["down"]
-    return up.dtype in FLOATS and down.dtype in FLOATS and (up.ndim == 2 or (up.ndim == 4 and up.shape[2:] == (1, 1)))
-
-
-def _basis(mats: list[torch.Tensor], k: int) -> torch.Tensor:
-    """Top-k left singular vectors of the column-stack of mats (via the small Gram matrix)."""
-    x = torch.cat(mats, dim=1)
-    g = x.T @ x
-    lam, w = torch.linalg.eigh(g)
-    idx = torch.argsort(lam, descending=True)[:k]
-    lam, w = lam[idx].clamp_min(1e-300), w[:, idx]
-    u = (x @ w) / lam.sqrt()
-    q, _ = torch.linalg.qr(u)
-    return q
-
-
-def _quant_cols(u: torch.Tensor, int8: bool):
-    """(stored tensor, scale or None) for a basis: fp16, or int8 codes with one fp32 scale per column."""
-    if not int8:
-        return u.to(torch.float16), None
-    scale = (u.abs().amax(dim=0) / 127.0).clamp_min(1e-30).to(torch.float32)
-    codes = torch.round(u / scale.double()[None, :]).clamp(-127, 127).to(torch.int8)
-    return codes, scale
-
-
-def _lstsq_left(x: torch.Tensor) -> torch.Tensor:
-    """(XᵀX)⁻¹Xᵀ for a tall, well-conditioned X (a near-orthonormal rounded basis)."""
-    return torch.linalg.solve(x.T @ x, x.T)
-
-
-def _try_k(ms, lowr, U_all, V_all, k, int8, budget_ratio, refs=None):
-    """Build the shared coding of one module at basis size k; None if some LoRA misses the budget."""
-    Uq, Us = _quant_cols(U_all[:, :k], int8)
-    Vq, Vs = _quant_cols(V_all[:, :k], int8)
-    Ud, Vd = operand(Uq, Us, False), operand(Vq, Vs, False)
-    pu, pv = _lstsq_left(Ud), _lstsq_left(Vd)
-    outs = []
-    for j, (m, (b, a, sc)) in enumerate(zip(ms, lowr)):
-        r = b.shape[1]
-        bs = b * sc
-        rb, ra = refs[j] if refs else (bs, a)   # the error is measured against the original module
-        core = (pu @ bs) @ (a @ pv.T)          # k×k, rank ≤ r
-        cu, cs, cvh = torch.linalg.svd(core)
-        rr = min(r, k)
-        scale_new = (m.alpha / rr) if m.alpha is not None else 1.0
-        # cores stay fp16 (int8 cores cost more error than the bytes they save: measured)
-        L = _quant_cols(cu[:, :rr] * cs[:rr].sqrt() / scale_new, False)
-        R = _quant_cols(cs[:rr].sqrt()[:, None] * cvh[:rr], False)
-        up = mm_product(Ud, operand(L[0], L[1], False), m.tensors["up"].dtype)
-        down = mm_product(operand(R[0], R[1], False), Vd.T, m.tensors["down"].dtype)
-        # exact error of the rounded result against the original module
-        x = frobenius_inner(rb, ra, rb, ra)
-        b2 = up.to(torch.float64) * scale_new
-        a2 = down.to(torch.float64)
-        e = x + frobenius_inner(b2, a2, b2, a2) - 2 * frobenius_inner(rb, ra, b2, a2)
-        if x > 0 and float(e.clamp_min(0) / x) > budget_ratio:
-            return None
-        outs.append((L, R, up, down, rr))
-    return {"k": k, "U": (Uq, Us), "V": (Vq, Vs), "outs": outs}
-
-
-def _own_bytes(ms) -> float:
-    """What the group's own factors would cost losslessly (identical tensors counted once: dedup)."""
-    seen, total = set(), 0.0
-    for m in ms:
-        for r, t in m.tensors.items():
-            if r == "alpha":
-                continue
-            key = (t.dtype, tuple(t.shape), hash(t.contiguous().view(torch.uint8).reshape(-1)[:4096].numpy().tobytes()),
-                   float(t.float().sum()))
-            if key in seen:
-                continue
-            seen.add(key)
-            total += t.numel() * t.element_size() * LOSSLESS_GUESS.get(t.element_size(), 1.0)
-    return total
-
-
-def plan_shared(models: list[LoRAModel], mode: str, int8: bool, snr_db: float, device="cpu", progress=None,
-                originals: list[LoRAModel] | None = None) -> dict:
-    """Per module name: the shared coding, when mode allows it (see module doc)."""
-    by_name: dict[str, list[int]] = {}
-    for i, model in enumerate(models):
-        for m in model.modules:
-            if _eligible(m):
-                by_name.setdefault(m.name, []).append(i)
-    budget_ratio = 10 ** (-(snr_db + 0.1) / 10)
-    plans = {}
-    names = [n for n, idx in by_name.items() if len(idx) >= 2]
-    for j, name in enumerate(names):
-        if progress:
-            progress(j, len(names))
-        idx = by_name[name]
-        ms = [models[i].get(name) for i in idx]
-        shapes = {(tuple(m.tensors["up"].shape[:1]), tuple(m.tensors["down"].shape[1:])) for m in ms}
-        if len(shapes) != 1:
-            continue
-        lowr = [m.lowrank(torch.float64, device) for m in ms]
-        refs = None
-        if originals is not None:
-            refs = []
-            for i in idx:
-                om = originals[i].get(name)
-                f = om.lowrank(torch.float64, device) if om is not None else None
-                refs.append((f[0] * f[2], f[1]) if f is not None else None)
-            if any(r is None for r in refs):
-                continue
-        facs = [factored_svd(b, a, sc) for b, a, sc in lowr]
-        total_r = sum(f[1].numel() for f in facs)
-        n, mdim = facs[0][0].shape[0], facs[0][2].shape[1]
-        kmax = min(total_r, n, mdim)
-        own = _own_bytes(ms) * (0.95 / 1.64 if int8 else 1.0)   # int8 factors: 1 byte, not 2 × 0.82
-        per = 1 if int8 else 2
-        # the most k could be and still save bytes (auto); on: anything below the total rank
-        k_cap = kmax if mode == "on" else min(kmax, int(0.9 * own / ((n + mdim) * per * (0.95 if int8 else 0.85)
-                                                                     + 4 * sum(f[1].numel() for f in facs) / len(facs))))
-        if k_cap < 1:
-            continue
-        U_all = _basis([u * s for u, s, _ in facs], kmax)
-        V_all = _basis([vh.T * s for _, s, vh in facs], kmax)
-        # exact projection error for every k at once: C_i = U_allᵀ ΔW_i V_all, energy of its k×k corner
-        sig, corner = [], []
-        for b, a, sc in lowr:
-            c = (U_all.T @ (b * sc)) @ (a @ V_all)
-            sig.append(float(frobenius_inner(b * sc, a, b * sc, a)))
-            corner.append(c.pow(2).cumsum(0).cumsum(1).diagonal())
-        k0 = None
-        for k in range(1, k_cap + 1):
-            if all(sg <= 0 or (sg - float(cn[k - 1])) / sg <= 0.5 * budget_ratio for sg, cn in zip(sig, corner)):
-                k0 = k
-                break
-        if k0 is None:
-            continue
-        plan, k = None, k0
-        while k <= k_cap:
-            plan = _try_k(ms, lowr, U_all, V_all, k, int8, budget_ratio, refs)
-            if plan is not None or k == k_cap:
-                break
-            k = min(k_cap, k + max(1, k // 8))
-        if plan is None:
-            continue
-        shared_bytes = (n + mdim) * plan["k"] * per * (0.95 if int8 else 0.85) \
-            + sum(2 * 2 * plan["k"] * o[4] for o in plan["outs"])
-        use = (mode == "on" and plan["k"] < total_r) or (mode == "auto" and shared_bytes < 0.9 * own)
-        if use:
-            plan.update(entries=idx, est_bytes=shared_bytes, own_bytes=own)
-            plans[name] = plan
-    if progress:
-        progress(len(names), len(names))
-    return plans
-
-
 # ------------------------------------------------------------------ preparing lossy entries
 class LossyPack:
     def __init__(self):
@@ -247,92 +81,30 @@ class LossyPack:
         shutil.rmtree(self.tmpdir, ignore_errors=True)
 
 
-def prepare_lossy(srcs, writer, recipe=None, int8=False, shared_basis="off", snr_db=35.0, level=3,
-                  device="cpu", progress=None) -> LossyPack:
+def _prune_model_fn():
+    try:
+        from ..prune import prune_model
+    except ImportError:
+        raise LensError("Pruning is not available in this installation (lens_ops.prune is missing).") from None
+    return prune_model
+
+
+def prepare_pruned(srcs, recipe: str, snr_db=35.0, device="cpu") -> LossyPack:
+    """The PruneRank recipe alone: each LoRA pruned, saved, its exact ΔW error measured."""
+    prune_model = _prune_model_fn()
     out = LossyPack()
     try:
-        originals = [s.model() for s in srcs]
-        models, settings = [], {}
-        if recipe:
-            try:
-                from ..prune import prune_model
-            except ImportError:
-                raise LensError("Pruning is not available in this installation (lens_ops.prune is missing).") from None
-            for m in originals:
-                pm, _rep = prune_model(m, recipe, device, None)
-                models.append(pm)
-            settings["recipe"] = recipe
-        else:
-            models = list(originals)
-        plans = {}
-        if shared_basis != "off":
-            plans = plan_shared(models, shared_basis, int8, snr_db, device, progress, originals)
-            settings["shared_basis"] = shared_basis
-        pre = list(models)
-        if int8:
-            try:
-                from ..quantize import quantize_model
-            except ImportError:
-                raise LensError("int8 is not available in this installation (lens_ops.quantize is missing).") from None
-            q = []
-            for m in models:
-                qm, _rep = quantize_model(m, "int8", min_snr=snr_db + INT8_MARGIN_DB, keep_below=True,
-                                          dense_metrics="off", device=device)
-                q.append(qm)
-            models = q
-            settings["int8"] = True
-            settings["int8_min_snr_db"] = snr_db + INT8_MARGIN_DB
-        # shared streams: every module's U and V once
-        shared_tensors = {}
-        for name, p in plans.items():
-            shared_tensors[f"{name}|U"], shared_tensors[f"{name}|V"] = p["U"][0], p["V"][0]
-            if p["U"][1] is not None:
-                shared_tensors[f"{name}|Us"], shared_tensors[f"{name}|Vs"] = p["U"][1], p["V"][1]
-        before = writer.written
-        refs = store_tensors(writer, shared_tensors, level) if shared_tensors else {}
-        shared_bytes = writer.written - before
-        for i, (src, orig, model) in enumerate(zip(srcs, originals, models)):
-            new_mods, computed, own = {}, {}, {}
-            for name, p in plans.items():
-                if i not in p["entries"]:
-                    continue
-                L, R, up, down, rr = p["outs"][p["entries"].index(i)]
-                base = pre[i].get(name)
-                tens = {"up": up.reshape(up.shape[0], rr, *base.tensors["up"].shape[2:]),
-                        "down": down.reshape(rr, *base.tensors["down"].shape[1:])}
-                if "alpha" in base.tensors:
-                    tens["alpha"] = base.tensors["alpha"]
-                nm = base.with_tensors(tens)
-                new_mods[name] = nm
-                own[f"{name}|L"], own[f"{name}|R"] = L[0], R[0]
-                if L[1] is not None:
-                    own[f"{name}|Ls"], own[f"{name}|Rs"] = L[1], R[1]
-                computed[nm.keys["up"]] = {"x": {**refs[f"{name}|U"], "scale": refs.get(f"{name}|Us"), "T": False},
-                                           "y": (name, "L", False)}
-                computed[nm.keys["down"]] = {"x": (name, "R", False),
-                                             "y": {**refs[f"{name}|V"], "scale": refs.get(f"{name}|Vs"), "T": True}}
-            if not new_mods and not recipe and not int8:
-                continue   # nothing lossy happened to this entry: it is stored losslessly
-            final = model.replace_modules(new_mods) if new_mods else model
-            w0 = writer.written
-            own_refs = store_tensors(writer, own, level) if own else {}
-            own_bytes = writer.written - w0
-            for spec in computed.values():
-                for side in ("x", "y"):
-                    if isinstance(spec[side], tuple):
-                        name, which, tr = spec[side]
-                        spec[side] = {**own_refs[f"{name}|{which}"], "scale": own_refs.get(f"{name}|{which}s"),
-                                      "T": tr}
-            layers = (["prune"] if recipe else []) + (["int8"] if int8 else []) + \
-                (["shared-basis"] if new_mods else [])
+        settings = {"recipe": recipe}
+        for i, src in enumerate(srcs):
+            orig = src.model()
+            final, _rep = prune_model(orig, recipe, device, None)
             meta = final.with_provenance("loradb_pack", {**settings, "source": src.file_name})
             path = os.path.join(out.tmpdir, f"{i}.safetensors")
             save_file(final.state_dict(), path, meta)
             err = error_of(orig, LoRAModel.load(path), device)
-            out.outputs[i] = {"path": path, "layers": layers or ["lossy"], "error": err, "settings": settings,
-                              "computed": computed, "shared_modules": len(new_mods),
-                              "extra_bytes": own_bytes}
-        out.summary = {"settings": settings, "shared_basis_modules": len(plans), "shared_basis_bytes": shared_bytes,
+            out.outputs[i] = {"path": path, "layers": ["prune"], "error": err, "settings": settings,
+                              "computed": {}, "shared_modules": 0, "extra_bytes": 0}
+        out.summary = {"settings": settings, "shared_basis_modules": 0, "shared_basis_bytes": 0,
                        "snr_budget_db": snr_db}
         return out
     except BaseException:
@@ -412,10 +184,7 @@ def prepare_coded(srcs, writer, recipe=None, int8=False, shared_basis="off", snr
         originals = [s.model(mapped=True) for s in srcs]
         settings = {"coder": "qcoef", "snr_db": snr_db}
         if recipe:
-            try:
-                from ..prune import prune_model
-            except ImportError:
-                raise LensError("Pruning is not available in this installation (lens_ops.prune is missing).") from None
+            prune_model = _prune_model_fn()
             models = []
             for i, m in enumerate(originals):   # pruned LoRAs parked on disk too, read back memory-mapped
                 pm = prune_model(m, recipe, device, None)[0]

@@ -19,19 +19,22 @@ streams (entropy coding that adapts to each class).
 from __future__ import annotations
 
 import math
+import os as _os
 
 import numpy as np
 import torch
 
-from ..lowrank import factored_svd, singular_values
+from ..lowrank import factored_svd
 from .entry import qlr_build
 
 FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 LOG2E2 = 2 * math.pi * math.e       # high-rate entropy of a quantised Gaussian: log2(σ/Δ) + ½log2(2πe)
-import os as _os
+# tuning knobs (environment overrides for experiments; the defaults are the measured best)
 DROP_TAU = float(_os.environ.get("LENS_QC_TAU", 3.0))    # drop a direction when σ² < τ·(n+m)·Δ²/12 (measured best)
 BASIS_RHO = float(_os.environ.get("LENS_QC_RHO", 0.7))   # shared basis steps: ρ × the finest step its LoRAs use (measured)
 ROUND_F = float(_os.environ.get("LENS_QC_F", 0.5))      # rounding offset (0.5: nearest; below: dead zone)
+K_CANDIDATES = tuple(int(x) for x in _os.environ.get("LENS_QC_K", "4,8,12,16,20,24,28,32,40,48,64").split(","))
+KMAX_FACTOR = int(_os.environ.get("LENS_QC_KF", 2))
 MAX_CODE = 32767
 ERROR_CHUNK = 1 << 22   # coefficients per pass when a LoRA's rounding error is evaluated
 
@@ -40,8 +43,6 @@ def quant(x, step):
     """Integer codes of x at `step`: sign(x)·⌊|x|/step + f⌋ (f = ½ is rounding to nearest)."""
     y = np.asarray(x) / step
     return (np.sign(y) * np.floor(np.abs(y) + ROUND_F)).astype(np.int64)
-K_CANDIDATES = tuple(int(x) for x in _os.environ.get("LENS_QC_K", "4,8,12,16,20,24,28,32,40,48,64").split(","))
-KMAX_FACTOR = int(_os.environ.get("LENS_QC_KF", 2))
 
 
 def eligible(m) -> bool:
@@ -163,7 +164,7 @@ class Group:
         self.K = 0
 
     def choose(self, mode: str):
-        mods, deltas = self.mods, self.deltas
+        mods = self.mods
         n, m = mods[0].n, mods[0].m
         T = sum(md.s.numel() for md in mods)
         kmax = min(T, n, m, KMAX_FACTOR * max(md.s.numel() for md in mods))
@@ -217,7 +218,6 @@ class Group:
 
     def quantise(self):
         """Quantise the basis (per-column integer-weighted steps) and compute each member's core/residual."""
-        K, n, m = self.K, self.mods[0].n, self.mods[0].m
         rows, colsn = [], []
         for md in self.mods:
             u, vh = md.u, md.vh
