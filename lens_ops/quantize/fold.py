@@ -114,6 +114,11 @@ def _pair_metrics(b, a, bq, aq, eb, ea, scale: float, mode: str) -> Stats:
     """ΔW stats of one quantized pair: SNR/MSE/relative error exact from the factors; MAE/max error on a row
     sample ('sampled') or not at all ('none'; 'exact' modules get a dense pass afterwards)."""
     err, signal = lowrank_error(b, a, bq, aq, scale, with_signal=True, eb=eb, ea=ea)
+    return _delta_stats(signal, err, b, a, bq, aq, eb, ea, scale, mode)
+
+
+def _delta_stats(signal, err, b, a, bq, aq, eb, ea, scale: float, mode: str) -> Stats:
+    """ΔW Stats from the exact signal/error, with MAE and max error from a row sample when mode is 'sampled'."""
     st = Stats(signal, err, None, None, b.shape[0] * a.shape[1])
     if mode == "sampled":
         rs = row_sample_stats(b, a, bq, aq, scale, eb=eb, ea=ea)
@@ -168,11 +173,7 @@ def _lora(m: LoRAModule, fmt: str, method: str, mode: str, device) -> ModuleResu
                 best = (err, sig, c, bt, at, qb, sb, qa, sa, bq, aq, eb, ea)
         prepared = None
         err, signal, chosen, bt, at, qb, sb, qa, sa, bq, aq, eb, ea = best
-        delta = Stats(signal, err, None, None, bt.shape[0] * at.shape[1])
-        if mode == "sampled":
-            rs = row_sample_stats(bt, at, bq, aq, scale, eb=eb, ea=ea)
-            delta.abs_sum, delta.max_abs, delta.abs_count, delta.sampled = (rs.abs_sum, rs.max_abs, rs.abs_count,
-                                                                              rs.sampled)
+        delta = _delta_stats(signal, err, bt, at, bq, aq, eb, ea, scale, mode)
         tstats.add(tensor_stats(bt, bq, eb)).add(tensor_stats(at, aq, ea))
         new.update(up=qb.reshape(up.shape).cpu(), down=qa.reshape(down.shape).cpu())
         s_total, chosen = sb * sa, _method_label(chosen, r)
