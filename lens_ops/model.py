@@ -193,11 +193,13 @@ class LoRAModel:
         tensors, metadata = load_file(path, device=device, progress=progress)
         return cls.from_state_dict(tensors, metadata, source=os.path.abspath(path))
 
-    def release(self, module: "LoRAModule") -> None:
-        """For a `mapped` model: the module's input pages are no longer needed resident (re-read on use)."""
+    def release(self, module: "LoRAModule | None" = None) -> None:
+        """For a `mapped` model: the module's (default: every module's) input pages are no longer needed
+        resident (re-read on use)."""
         mf = getattr(self, "_mapping", None)
         if mf is not None:
-            mf.release(module.tensors.values())
+            mods = self.modules if module is None else [module]
+            mf.release([t for m in mods for t in m.tensors.values()])
 
     # ---------------------------------------------------------------- views
     def state_dict(self) -> LoraStateDict:

@@ -3,24 +3,14 @@ the working memory is one module's factors, not the whole result (an exact conca
 itself 1.2 GB). The file appears atomically when the blend finishes; on any error nothing is left behind."""
 from __future__ import annotations
 
-import ctypes
 import os
 
+from ..heap import trim_heap
 from ..model import ensure_model
 from ..st_io import StreamWriter
 from .engine import blend
 
-TRIM_EVERY = 64 << 20   # bytes written between two returns of freed heap memory to the system
-
-
-def _trimmer():
-    """glibc's malloc_trim, or None. Freed module temporaries otherwise stay in glibc's heap (its mmap threshold
-    grows after big frees, so later ones come from the fragmented heap): measured +470 MiB of resident memory on a
-    FLUX concat blend that holds nothing; trimming every 64 MiB written keeps it near the working set."""
-    try:
-        return ctypes.CDLL(None).malloc_trim
-    except (OSError, AttributeError):
-        return None
+TRIM_EVERY = 64 << 20   # bytes written between two returns of freed heap memory to the system (heap.py)
 
 
 def blend_to_file(loras: list, weights: list[float], path: str, **options):
@@ -28,7 +18,6 @@ def blend_to_file(loras: list, weights: list[float], path: str, **options):
     report); report["output"]["file"] is the absolute path. Never overwrites an input file."""
     models = [ensure_model(x) for x in loras]
     forbid = tuple(m.source for m in models if m.source)
-    trim = _trimmer()
     pending = [0]
     with StreamWriter(path, forbid=forbid) as w:
         def write(m):
@@ -36,8 +25,8 @@ def blend_to_file(loras: list, weights: list[float], path: str, **options):
                 t = m.tensors[role]
                 w.add(key, t.detach().to("cpu"))
                 pending[0] += t.numel() * t.element_size()
-            if trim is not None and pending[0] >= TRIM_EVERY:
-                trim(0)
+            if pending[0] >= TRIM_EVERY:
+                trim_heap()
                 pending[0] = 0
 
         result, report = blend(models, weights, sink=write, **options)

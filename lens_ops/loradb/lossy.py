@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from ..errors import LensError
+from ..heap import trim_heap
 from ..lowrank import frobenius_inner
 from ..model import LoRAModel
 from ..st_io import save_file
@@ -113,17 +114,6 @@ def prepare_pruned(srcs, recipe: str, snr_db=35.0, device="cpu") -> LossyPack:
 
 
 # ------------------------------------------------------------------ quantised-coefficient coding (qcoef.py)
-def give_back_free_memory() -> None:
-    """Return freed heap pages to the system (glibc's malloc_trim; a no-op elsewhere). Coding one LoRA makes
-    millions of small code arrays; without this, their freed space stays counted against the process and
-    grows from LoRA to LoRA."""
-    try:
-        import ctypes
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
 class ClassStreams:
     """Integer code vectors grouped by magnitude class (one byte-grouped zstd stream per class), so the
     entropy coder sees values of one distribution at a time."""
@@ -234,9 +224,8 @@ def prepare_coded(srcs, writer, recipe=None, int8=False, shared_basis="off", snr
         svd = []
         for i in range(N):   # exact SVDs, factors parked on disk (a collection's factors need not fit in RAM)
             svd.append({n: qcoef.Mod(mods[i][n], originals[i].get(n), spill) for n in coded_names[i]})
-            for mdl in (originals[i], models[i]):   # their pages are re-read from the page cache if needed
-                for m in mdl.modules:
-                    mdl.release(m)
+            originals[i].release()   # their pages are re-read from the page cache if needed
+            models[i].release()
             report(0.1 + 0.15 * (i + 1) / N)
         deltas = []
         for i in range(N):
@@ -353,11 +342,10 @@ def prepare_coded(srcs, writer, recipe=None, int8=False, shared_basis="off", snr
                 (["shared-basis"] if used_shared else [])
             n_shared = sum(1 for n in parts_of if n in groups)
             del coder, items, best, new_mods, parts_of
-            for mdl in (orig, model):
-                for m in mdl.modules:
-                    mdl.release(m)
+            orig.release()
+            model.release()
             spill.release()
-            give_back_free_memory()
+            trim_heap()   # millions of small code arrays were freed: give their pages back
             out.outputs[i] = {"path": path, "layers": layers or ["lossy"], "error": err,
                               "settings": {**settings, "step": delta}, "computed": computed,
                               "shared_modules": n_shared,
