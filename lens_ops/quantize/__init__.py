@@ -89,7 +89,7 @@ def quantize_model(model, fmt: str = "int8", method: str = DEFAULT_METHOD, min_s
     dense = metrics == "exact"
     results: list[ModuleResult] = []
     total = len(model.modules)
-    for i, (m, res) in enumerate(_quantize_all(model.modules, fmt, method, dense, device, metrics)):
+    for i, (m, res) in enumerate(_quantize_all(model.modules, fmt, method, device, metrics)):
         if res.quantized and keep_below:
             snr = res.delta.snr_db
             if snr is not None and snr < min_snr:
@@ -111,7 +111,7 @@ def quantize_model(model, fmt: str = "int8", method: str = DEFAULT_METHOD, min_s
     return out, report
 
 
-def _quantize_all(modules, fmt, method, dense, device, metrics):
+def _quantize_all(modules, fmt, method, device, metrics):
     """(module, result) in file order. On a CPU with several torch threads, modules are quantized side by side
     in that many worker threads with one torch thread each (per-module matrices are small: splitting each
     product over threads wastes more than it gains, while modules are independent). The results do not
@@ -124,29 +124,27 @@ def _quantize_all(modules, fmt, method, dense, device, metrics):
             if small and threads > 1:  # tiny matrices: thread start-up and contention cost more than the maths
                 torch.set_num_threads(1)
             try:
-                res = quantize_module(m, fmt, method, dense, device, mae_max=metrics)
+                res = quantize_module(m, fmt, method, device=device, mae_max=metrics)
             finally:
                 if small and threads > 1:
                     torch.set_num_threads(threads)
             yield m, res
         return
+    from collections import deque
     from concurrent.futures import ThreadPoolExecutor
     torch.set_num_threads(1)
     ex = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="lens-quantize")
     try:
         # a bounded window of submitted modules keeps at most ~2 per worker in flight (memory stays per-module)
-        window, futs, it = 2 * threads, [], iter(modules)
-        for m in it:
-            futs.append((m, ex.submit(quantize_module, m, fmt, method, dense, device, mae_max=metrics)))
+        window, futs = 2 * threads, deque()
+        for m in modules:
             if len(futs) >= window:
-                break
+                done, f = futs.popleft()
+                yield done, f.result()
+            futs.append((m, ex.submit(quantize_module, m, fmt, method, device=device, mae_max=metrics)))
         while futs:
-            m, f = futs.pop(0)
-            res = f.result()
-            nxt = next(it, None)
-            if nxt is not None:
-                futs.append((nxt, ex.submit(quantize_module, nxt, fmt, method, dense, device, mae_max=metrics)))
-            yield m, res
+            done, f = futs.popleft()
+            yield done, f.result()
     finally:
         ex.shutdown(wait=True, cancel_futures=True)
         torch.set_num_threads(threads)
