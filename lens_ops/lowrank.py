@@ -89,7 +89,7 @@ def factored_svd_transforms(b: torch.Tensor, a: torch.Tensor, scale: float = 1.0
 
 def core_transforms(gb: torch.Tensor, ga: torch.Tensor, scale=1.0, max_cond: float = 1e4,
                     svd_dtype: torch.dtype = torch.float64):
-    """Batched second half of `factored_svd_transforms` from float64 Gram matrices [..., r, r].
+    """Batched second half of `factored_svd_transforms` from Gram matrices [..., r, r].
 
     With a·aᵀ = L·Lᵀ (Cholesky), a = L·Q_Aᵀ with Q_A orthonormal, so ΔW = scale·b@a = (scale·b·L)·Q_Aᵀ and
     ΔWᵀΔW's nonzero spectrum is that of the r×r matrix M = scale²·Lᵀ(bᵀb)L = V·Λ·Vᵀ: σ = √Λ,
@@ -98,8 +98,12 @@ def core_transforms(gb: torch.Tensor, ga: torch.Tensor, scale=1.0, max_cond: flo
 
     `scale` is a float or a tensor broadcastable to [...]. `svd_dtype` float32 runs the eigensolver in
     single precision: right when the Grams came from float32 factors, whose rounding (~1e-7·σ_max² on σ²)
-    is of the same size. Returns (P, S, Qt, ok) where `ok` [...] marks the entries this route decomposed
-    accurately (the others must be redone with `factored_svd`); columns of P for σ = 0 are zero.
+    is of the same size. The Cholesky and the r×r products run in the Grams' own dtype: float32 Grams
+    (of float32 factors) are decomposed wholly in float32 — Cholesky and triangular solves are backward
+    stable, so on a well-conditioned a (callers pass a tight `max_cond` there) they add rounding of the
+    size the Grams already carry — at half the cost of float64. Returns (P, S, Qt, ok) where `ok` [...]
+    marks the entries this route decomposed accurately (the others must be redone in float64 or with
+    `factored_svd`); S is float64; columns of P for σ = 0 are zero.
     """
     single = gb.ndim == 2
     if single:
@@ -112,17 +116,19 @@ def core_transforms(gb: torch.Tensor, ga: torch.Tensor, scale=1.0, max_cond: flo
     # failed entries get the identity so the batched steps below stay finite; they are flagged by `ok`
     la = torch.where(ok[..., None, None], la, eye)
     gb = torch.where(ok[..., None, None], gb, eye)
-    s_t = torch.as_tensor(scale, dtype=gb.dtype, device=gb.device)
+    s_t = torch.as_tensor(scale, dtype=torch.float64, device=gb.device)
     if s_t.ndim:
         s_t = s_t.reshape(-1, 1, 1)
+    tiny = torch.finfo(gb.dtype).tiny
     m = la.transpose(-2, -1) @ gb @ la
     m = 0.5 * (m + m.transpose(-2, -1))
-    top = m.diagonal(dim1=-2, dim2=-1).amax(-1).clamp_min(1e-300)[..., None, None]
+    top = m.diagonal(dim1=-2, dim2=-1).amax(-1).clamp_min(tiny)[..., None, None]
     lam, v = torch.linalg.eigh((m / top).to(svd_dtype))
-    lam, v = lam.flip(-1).double().clamp_min(0) * top[..., 0], v.flip(-1).double()
-    s = (s_t.abs()[..., 0] if s_t.ndim else s_t.abs()) * lam.sqrt()
-    inv = torch.where(s > 0, 1.0 / s.clamp_min(1e-300), torch.zeros_like(s))
-    p = s_t * (la @ v) * inv.unsqueeze(-2)                                                # scale·L·V·Σ⁻¹
+    lam = lam.flip(-1).double().clamp_min(0) * top[..., 0].double()
+    v = v.flip(-1).to(gb.dtype)
+    s = (s_t.abs()[..., 0] if s_t.ndim else s_t.abs()) * lam.sqrt()                    # float64
+    inv = torch.where(s * torch.finfo(gb.dtype).max > 1, 1.0 / s.clamp_min(1e-300), torch.zeros_like(s))
+    p = (s_t.to(gb.dtype) * (la @ v)) * inv.to(gb.dtype).unsqueeze(-2)                   # scale·L·V·Σ⁻¹
     qt = torch.linalg.solve_triangular(la.transpose(-2, -1), v, upper=True).transpose(-2, -1)  # Vᵀ·L⁻¹
     if single:
         return p[0], s[0], qt[0], bool(ok[0])

@@ -193,12 +193,12 @@ class LoRAModel:
         tensors, metadata = load_file(path, device=device, progress=progress)
         return cls.from_state_dict(tensors, metadata, source=os.path.abspath(path))
 
-    def release(self, module: "LoRAModule | None" = None) -> None:
-        """For a `mapped` model: the module's (default: every module's) input pages are no longer needed
-        resident (re-read on use)."""
+    def release(self, module: "LoRAModule | list | None" = None) -> None:
+        """For a `mapped` model: the module's (a list of modules', default: every module's) input pages
+        are no longer needed resident (re-read on use)."""
         mf = getattr(self, "_mapping", None)
         if mf is not None:
-            mods = self.modules if module is None else [module]
+            mods = self.modules if module is None else module if isinstance(module, list) else [module]
             mf.release([t for m in mods for t in m.tensors.values()])
 
     # ---------------------------------------------------------------- views

@@ -82,15 +82,22 @@ class MappedFile:
     def release(self, tensors) -> None:
         """Give back the resident pages under these tensors (views of this mapping; others are ignored)."""
         page = mmap.PAGESIZE
+        spans = []
         for t in tensors:
             if not isinstance(t, torch.Tensor) or t.device.type != "cpu" or not t.numel():
                 continue
             start = t.data_ptr() - self._base
             end = start + t.numel() * t.element_size()
-            if start < 0 or end > self.size:
-                continue
-            lo = start - start % page
-            hi = min(self.size, end + (-end % page))
+            if 0 <= start and end <= self.size:
+                spans.append((start - start % page, min(self.size, end + (-end % page))))
+        spans.sort()
+        merged = []
+        for lo, hi in spans:  # adjacent tensors (the usual file order) become one call
+            if merged and lo <= merged[-1][1]:
+                merged[-1][1] = max(merged[-1][1], hi)
+            else:
+                merged.append([lo, hi])
+        for lo, hi in merged:
             try:
                 self._mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
             except (AttributeError, OSError, ValueError):

@@ -17,6 +17,7 @@ from .recipe import Recipe, parse_recipe, parse_recipes
 from .report import module_entry, totals
 from .rules import budget_select, rule_rank, scores, threshold_for_size
 
+RELEASE_EVERY = 48  # built modules whose input pages are given back together (one madvise per run of them)
 STREAM_WINDOW = 96  # consecutive modules decomposed, pruned and written together in a streamed pass
 ZERO_SV = 1e-6  # resize_lora: layers whose σ_max is below this are all zero and are left out
 
@@ -118,7 +119,7 @@ class PruneSession:
             n = max(1, len(mods))
             for start in range(0, len(mods), window):
                 part = mods[start:start + window]
-                decs = decompose(part, self.device, None, False)
+                decs = decompose(part, self.device, None, False, keep_factors=True)
                 self.decs.update(decs)
                 elig, cand, notes, _ = self._select(recipe, decs)
                 self._build_modules(part, recipe, elig, cand, notes, state)
@@ -254,15 +255,18 @@ class PruneSession:
         emit, entries = state["emit"], state["entries"]
         pages = self._pages
         rescale = recipe.rescale
+        built = []
         for i, m in enumerate(modules):
             if progress and self._progress is not None and (i % 16 == 0 or i == len(modules) - 1):
                 self._progress(min(self._done + i + 1, self._units), self._units)  # an interrupt point in ComfyUI
             self._build_one(m, recipe, elig, cand, notes, emit, entries, rescale)
             d = elig.get(m.name)
             if d is not None and self._release:
-                d.P = d.Qt = d.U = d.Vh = None  # built: free its decomposition
-            if pages is not None:
-                pages(m)  # its output is built (and written, with a sink)
+                d.P = d.Qt = d.U = d.Vh = d.B = d.A = None  # built: free its decomposition
+            built.append(m)
+            if pages is not None and (len(built) == RELEASE_EVERY or i == len(modules) - 1):
+                pages(built)  # their outputs are built (and written, with a sink)
+                built = []
 
     def _build_one(self, m, recipe, elig, cand, notes, emit, entries, rescale):
         """One module's output (emitted) and its report entry."""

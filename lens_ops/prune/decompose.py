@@ -19,7 +19,8 @@ import torch
 
 from ..lowrank import core_transforms, factored_svd, gram, work_dtype
 
-CHUNK = 48  # modules per batched r×r step (bounds the float64 Gram memory)
+CHUNK = 48  # modules per batched r×r step (bounds the Gram memory)
+F32_MAX_COND = 1e3  # float32 Grams are decomposed in float32 when a's Cholesky diagonal spans less than this
 
 
 @dataclass
@@ -35,6 +36,8 @@ class Decomp:
     Qt: torch.Tensor | None = None
     U: torch.Tensor | None = None
     Vh: torch.Tensor | None = None
+    B: torch.Tensor | None = None  # the factors in the work dtype, kept for the build when asked
+    A: torch.Tensor | None = None
     base: dict = field(default_factory=dict)   # base-model numbers: fro, spn, subspace (per dim)
 
     @property
@@ -58,12 +61,26 @@ class Decomp:
         return b @ self.P.to(device), self.Qt.to(device) @ a
 
 
+def _transforms(gb, ga, scales, dt):
+    """`core_transforms` of a batch: float32 Grams wholly in float32 where a is well conditioned
+    (F32_MAX_COND), the rest again in float64 (those still not accurate are flagged for Householder QR)."""
+    f32 = gb.dtype == torch.float32
+    p, s, qt, ok = core_transforms(gb, ga, scales, max_cond=F32_MAX_COND if f32 else 1e4, svd_dtype=dt)
+    redo = torch.nonzero(~ok).flatten()
+    if f32 and redo.numel():
+        p2, s2, qt2, ok2 = core_transforms(gb[redo].double(), ga[redo].double(), scales[redo], svd_dtype=dt)
+        p[redo], s[redo], qt[redo], ok[redo] = p2.to(p.dtype), s2, qt2.to(qt.dtype), ok2
+    return p, s, qt, ok
+
+
 def decompose(modules: list, device="cpu", progress: Callable[[int, int], None] | None = None,
-              convert_lyco: bool = False, release: Callable | None = None) -> dict[str, Decomp]:
+              convert_lyco: bool = False, release: Callable | None = None,
+              keep_factors: bool = False) -> dict[str, Decomp]:
     """Exact SVD of every LoRA module (and LoHa/LoKr when `convert_lyco`) in `modules`.
 
-    `release(module)` is called once a module's factors have been read (a memory-mapped input gives
-    its pages back)."""
+    `release(modules)` is called once a chunk of modules' factors have been read (a memory-mapped input gives
+    its pages back). `keep_factors` keeps each factored module's work-dtype factors on its Decomp (B, A)
+    so a streamed build that follows at once does not read and convert them again."""
     device = torch.device(device)
     todo = [m for m in modules if m.kind.name == "lora"]
     lyco = [m for m in modules if convert_lyco and m.kind.name in ("loha", "lokr") and not m.is_dora]
@@ -76,17 +93,18 @@ def decompose(modules: list, device="cpu", progress: Callable[[int, int], None] 
     for (r, dt), group in by_rank.items():
         for start in range(0, len(group), CHUNK):
             chunk = group[start:start + CHUNK]
-            grams_b, grams_a, scales, shapes, fallback = [], [], [], [], []
+            grams_b, grams_a, scales, shapes, fallback, factors = [], [], [], [], [], []
             for m in chunk:
                 b, a = m.kind.lowrank(m, dt, device)
                 n, mm = b.shape[0], a.shape[1]
                 shapes.append((n, mm))
+                factors.append((b, a) if keep_factors else (None, None))
                 scales.append(m.scale())
                 if r > min(n, mm):
                     fallback.append("zero" if m.is_zero() else "qr")
                 else:
-                    gb1 = gram(b).double()
-                    ga1 = gram(a.transpose(0, 1)).double()
+                    gb1 = gram(b)
+                    ga1 = gram(a.transpose(0, 1))
                     if float(gb1.trace()) == 0.0 or float(ga1.trace()) == 0.0:
                         fallback.append("zero")  # an all-zero factor: ΔW = 0
                     else:
@@ -99,14 +117,13 @@ def decompose(modules: list, device="cpu", progress: Callable[[int, int], None] 
                 gb = torch.stack(grams_b)
                 ga = torch.stack(grams_a)
                 del grams_b, grams_a
-                p, s, qt, ok = core_transforms(gb, ga, torch.tensor([scales[i] for i in fast], dtype=torch.float64),
-                                           svd_dtype=dt)
+                p, s, qt, ok = _transforms(gb, ga, torch.tensor([scales[i] for i in fast], dtype=torch.float64), dt)
                 del gb, ga
                 for j, i in enumerate(fast):
                     m = chunk[i]
                     if bool(ok[j]):
                         out[m.name] = Decomp(m, "factored", *shapes[i], r, scales[i], s[j].cpu(),
-                                             P=p[j].to(dt), Qt=qt[j].to(dt))
+                                             P=p[j].to(dt), Qt=qt[j].to(dt), B=factors[i][0], A=factors[i][1])
                     else:
                         fallback[i] = "qr"
             for i, f in enumerate(fallback):
@@ -119,10 +136,10 @@ def decompose(modules: list, device="cpu", progress: Callable[[int, int], None] 
                     u, s, vh = factored_svd(b, a, scales[i])
                     out[m.name] = Decomp(m, "explicit", *shapes[i], r, scales[i], s.cpu(),
                                          U=u.to(dt), Vh=vh.to(dt))
+            del factors
             done += len(chunk)
             if release is not None:
-                for m in chunk:
-                    release(m)
+                release(chunk)
             if progress is not None:
                 progress(done, total)
     for m in lyco:

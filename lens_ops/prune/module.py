@@ -2,6 +2,8 @@
 so that ComfyUI's scale (alpha / down.shape[0]) reproduces exactly the kept part of ΔW."""
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..kinds import BY_NAME
@@ -20,7 +22,7 @@ def new_alpha(module, k: int):
     ratio = module.scale()
     value = torch.full_like(t, ratio * k)
     actual = float(value.float().item()) if value.numel() == 1 else float(value.reshape(-1)[0].float())
-    if actual == 0.0 or not torch.isfinite(torch.tensor(actual)):
+    if actual == 0.0 or not math.isfinite(actual):
         value = torch.full(t.shape, float(k), dtype=torch.float32)  # degenerate stored dtype: scale 1
         actual = float(k)
     return value, actual / k
@@ -42,7 +44,10 @@ def build_factors(dec, idx: torch.Tensor, rescale: float, scale: float, device="
     sign = -1.0 if scale < 0 else 1.0
     if dec.route == "factored":
         dt = dec.P.dtype
-        b, a = dec.module.kind.lowrank(dec.module, dt, device)
+        if dec.B is not None:
+            b, a = dec.B, dec.A
+        else:
+            b, a = dec.module.kind.lowrank(dec.module, dt, device)
         p = dec.P.to(device)[:, idx] * (root * sign).to(device, dt)
         q = dec.Qt.to(device)[idx] * root.to(device, dt).unsqueeze(1)
         return b @ p, q @ a
