@@ -48,3 +48,22 @@ def test_demo_runs_every_step(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "Architecture: SDXL" in r.stdout and "bit-identical" in r.stdout
     assert any(f.startswith("sample_sdxl_kohya_r4") for f in os.listdir(tmp_path))
+
+
+def test_program_exit_keeps_output_and_exit_code(tmp_path):
+    """`python -m lens_ops` (and the console script) leave with os._exit once torch is loaded: the whole
+    piped output still arrives, the written file is complete and in place, exit codes are kept."""
+    from lens_ops import LoRAModel
+    from lens_ops.synth import make_lora
+    sd = make_lora("sdxl_kohya", rank=8, seed=3)
+    src = str(tmp_path / "in.safetensors")
+    save_file(sd, src, metadata=sd.metadata)
+    out = str(tmp_path / "out.safetensors")
+    r = run_cli("prune", src, "-o", out, "--recipe", "rank=4")
+    assert r.returncode == 0, r.stderr
+    assert "wrote " + out in r.stdout and r.stdout.rstrip().endswith("s)")  # the last line, flushed
+    m = LoRAModel.load(out)
+    assert {x.rank() for x in m.modules} == {4}
+    assert [f for f in os.listdir(tmp_path) if f.startswith(".lens-")] == []  # no temp file left
+    r = run_cli("prune", str(tmp_path / "missing.safetensors"), "-o", str(tmp_path / "o.safetensors"))
+    assert r.returncode == 2 and "does not exist" in r.stderr
