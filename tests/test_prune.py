@@ -353,3 +353,36 @@ def test_prune_accepts_int8_input_with_exact_delta():
         assert got.shape == ref.shape
         assert float((got - ref).norm() / ref.norm()) < 0.05   # only the dropped 0.1 % energy (≈3 %) is lost
         assert mo.tensors["up"].is_floating_point()
+
+
+def test_float32_core_route_and_float64_retry_against_dense():
+    """float32 Grams are decomposed in float32 when a is well conditioned; a worse-conditioned a is redone
+    in float64. Both reproduce the float64 dense SVD of scale·B@A (singular values and the truncated ΔW)."""
+    from lens_ops.lowrank import gram
+    from lens_ops.prune.decompose import F32_MAX_COND, _transforms
+    g = gen(31)
+    bs, as_ = [], []
+    for i in range(4):
+        b, a = pair(200, 150, 16, g, eff=4)
+        if i >= 2:  # rows of a spread over ~10^3.5: above the float32 limit, within float64's
+            a = a * torch.logspace(0, -3.5, 16).unsqueeze(1)
+        bs.append(b.float())
+        as_.append(a.float())
+    gb = torch.stack([gram(b) for b in bs])
+    ga = torch.stack([gram(a.T) for a in as_])
+    assert gb.dtype == torch.float32
+    scales = torch.tensor([0.5, 2.0, 1.0, 0.25], dtype=torch.float64)
+    p, s, qt, ok = _transforms(gb, ga, scales, torch.float32)
+    assert bool(ok.all()) and s.dtype == torch.float64
+    for j in range(4):
+        ref = float(scales[j]) * bs[j].double() @ as_[j].double()
+        sv = torch.linalg.svdvals(ref)[:16]
+        assert float((s[j] - sv).abs().max() / sv[0]) < 1e-5
+        u, vh = bs[j] @ p[j], qt[j] @ as_[j]
+        k = 6
+        trunc = (u[:, :k].double() * s[j][:k]) @ vh[:k].double()
+        u_r, s_r, vh_r = torch.linalg.svd(ref, full_matrices=False)
+        best = (u_r[:, :k] * s_r[:k]) @ vh_r[:k]
+        assert rel_err(trunc, best) < 2e-5   # the optimal rank-6 truncation (Eckart–Young)
+    la = torch.linalg.cholesky(ga[2].double()).diagonal()
+    assert float(la.max() / la.min()) > F32_MAX_COND  # those two really took the float64 retry
