@@ -91,16 +91,14 @@ def entry() -> None:
     When a command returns, its outputs are written, closed and renamed into place (every write is
     atomic inside the command) and its temporary files are gone; what the interpreter's teardown would
     still do is free memory and unload torch, which takes about half a second — more than many commands'
-    own work. So, once torch is loaded, the program flushes its output and leaves with os._exit."""
+    own work. So the program flushes its output and leaves with os._exit."""
     code = main()
-    if "torch" in sys.modules:
-        for stream in (sys.stdout, sys.stderr):
-            try:
-                stream.flush()
-            except (OSError, ValueError):  # a closed pipe: nothing more can be said
-                pass
-        os._exit(code)
-    sys.exit(code)
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe: nothing more can be said
+            pass
+    os._exit(code)
 
 
 if __name__ == "__main__":  # pragma: no cover
