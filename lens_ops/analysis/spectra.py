@@ -21,6 +21,7 @@ from typing import Callable
 import torch
 
 from ..kinds import UNKNOWN
+from ..kinds.base import svdvals_tall
 from ..lowrank import work_dtype
 from ..model import DTYPE_NAMES, LoRAModel, LoRAModule
 from .pages import PageReleaser
@@ -184,7 +185,9 @@ def _dense_module(m: LoRAModule, entry: dict, dtype, device, gen):
         entry["note"] = "contains NaN/Inf: no spectrum"
         return
     mat = d.reshape(d.shape[0], -1) if d.ndim >= 2 else d.reshape(-1, 1)
-    s = torch.linalg.svdvals(mat)
+    s = m.kind.singular_values(m, dtype, device)
+    if s is None:
+        s = svdvals_tall(mat)
     flat = mat.flatten()
     numel = flat.numel()
     mean = float(flat.sum(dtype=torch.float64)) / numel

@@ -57,6 +57,10 @@ class ModuleKind:
         """Dense ΔW (scale applied), or None when the kind has no stand-alone ΔW."""
         return None
 
+    def singular_values(self, m: "LoRAModule", dtype=torch.float32, device="cpu") -> torch.Tensor | None:
+        """Exact singular values of the flattened ΔW from the kind's structure, or None (then: dense SVD)."""
+        return None
+
     def is_zero(self, m: "LoRAModule") -> bool:
         """True when the module changes nothing (an untrained module)."""
         d = self.delta(m)
@@ -68,6 +72,11 @@ class ModuleKind:
 
     def describe(self, m: "LoRAModule") -> str:
         return self.label
+
+
+def svdvals_tall(x: torch.Tensor) -> torch.Tensor:
+    """σ of a 2-D matrix, decomposed on its tall side (LAPACK is many times slower on the wide one)."""
+    return torch.linalg.svdvals(x if x.shape[0] >= x.shape[1] else x.transpose(0, 1))
 
 
 def chain_error(m: "LoRAModule", what: str) -> LensError:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import ModuleKind, as_float, chain_error, scale_tensor
+from .base import ModuleKind, as_float, chain_error, scale_tensor, svdvals_tall
 
 ROLES = ("lokr_w1", "lokr_w2", "lokr_w1_a", "lokr_w1_b", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
 
@@ -56,6 +56,19 @@ class LoKrKind(ModuleKind):
     def delta(self, m, dtype=torch.float32, device="cpu"):
         w1, w2 = self._sides(m, dtype, device)
         return self.scale(m) * torch.kron(w1, w2)
+
+    def singular_values(self, m, dtype=torch.float32, device="cpu"):
+        """σ(kron(W1, W2)) = σ(W1)⊗σ(W2) (W2 flattened: ComfyUI's 4-D kron is kron(W1, W2 as [c, d·kh·kw])),
+        padded with zeros to min(rows, cols) of ΔW, as a dense SVD would give."""
+        w1, w2 = self._sides(m, dtype, device)
+        if w1.ndim > 2 and w1.shape[2:].numel() != 1:
+            return None
+        w1 = w1.reshape(w1.shape[0], -1)
+        w2 = w2.reshape(w2.shape[0], -1)
+        s = (svdvals_tall(w1)[:, None] * svdvals_tall(w2)[None, :]).flatten() * abs(self.scale(m))
+        s = s.sort(descending=True).values
+        k = min(w1.shape[0] * w2.shape[0], w1.shape[1] * w2.shape[1])
+        return torch.cat([s, s.new_zeros(k - s.numel())]) if s.numel() < k else s[:k]
 
     def weight_shape(self, m):
         t = m.tensors
