@@ -1,8 +1,11 @@
 """prune_model / prune_many: one decomposition, any number of recipes, one output model per recipe."""
 from __future__ import annotations
 
+import itertools
 import json
 import math
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
 import torch
@@ -104,10 +107,15 @@ class PruneSession:
                 sink.abort()
             raise
 
-    def run_streamed(self, recipe: Recipe, sink: StreamWriter, window: int | None = None) -> tuple[LoRAModel, dict]:
+    def run_streamed(self, recipe: Recipe, sink: StreamWriter | None, window: int | None = None
+                     ) -> tuple[LoRAModel, dict]:
         """One pass for a recipe whose choices are per module (no size=/budget=, no base model): windows
-        of consecutive modules are decomposed, pruned and written while their factors are still warm,
-        then their input pages are released. Same output and report as `run` on a full decomposition."""
+        of consecutive modules are decomposed, pruned and written (to `sink`, or kept in memory without
+        one) while their factors are still warm, then their input pages are released. Same output and
+        report as `run` on a full decomposition.
+
+        On the CPU two windows are worked on at once, each on its own thread with half of torch's threads
+        (`_parallel_windows`); the outputs are still written in module order, by this thread."""
         if not streamable(recipe):
             raise LensError(f"Recipe {recipe.text!r} needs the whole file decomposed first; use run().")
         self._release = True
@@ -117,18 +125,33 @@ class PruneSession:
             state = self._begin()
             mods = self.model.modules
             n = max(1, len(mods))
-            for start in range(0, len(mods), window):
-                part = mods[start:start + window]
-                decs = decompose(part, self.device, None, False, keep_factors=True)
-                self.decs.update(decs)
-                elig, cand, notes, _ = self._select(recipe, decs)
-                self._build_modules(part, recipe, elig, cand, notes, state)
+            parts = [mods[start:start + window] for start in range(0, len(mods), window)]
+            if self.device.type == "cpu" and len(parts) > 1 and torch.get_num_threads() > 1:
+                windows = _parallel_windows(parts, lambda part: self._window(part, recipe))
+            else:
+                windows = (self._window(part, recipe) for part in parts)
+            done = 0
+            for part, (built, entries) in zip(parts, windows):
+                for module in built:
+                    state["emit"](module)
+                state["entries"].extend(entries)
+                done += len(part)
                 if self._progress is not None:
-                    self._progress(min(start + len(part), n), n)  # an interrupt point in ComfyUI
+                    self._progress(min(done, n), n)  # an interrupt point in ComfyUI
             return self._finish(recipe, state, None)
         except BaseException:
-            sink.abort()
+            if sink is not None:
+                sink.abort()
             raise
+
+    def _window(self, part: list, recipe: Recipe) -> tuple[list, list]:
+        """Decompose, select and build one window of modules: (output modules, report entries), in order."""
+        decs = decompose(part, self.device, None, False, keep_factors=True)
+        self.decs.update(decs)
+        elig, cand, notes, _ = self._select(recipe, decs)
+        built, entries = [], []
+        self._build_modules(part, recipe, elig, cand, notes, {"emit": built.append, "entries": entries})
+        return built, entries
 
     def _select(self, recipe: Recipe, decs: dict):
         """Which dimensions each eligible module keeps: (elig, cand masks, notes, threshold)."""
@@ -370,6 +393,33 @@ class PruneSession:
         return out, report
 
 
+def _parallel_windows(parts: list, work: Callable):
+    """work(part) for every part, two at a time on worker threads, yielded in order.
+
+    A window alternates kernels that use both cores well (the Gram products) with ones that do not
+    (the batched r×r eigensolver, fp16↔fp32 copies, Python between kernels); two windows in flight, each
+    with half of torch's threads, keep both cores busy. torch's thread count is restored afterwards."""
+    threads = torch.get_num_threads()
+    per = max(1, threads // 2)
+
+    def run(part):
+        torch.set_num_threads(per)   # this worker's OpenMP threads (and MKL's, process-wide)
+        return work(part)
+    pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="lens-prune")
+    try:
+        todo = iter(parts)
+        pending = deque(pool.submit(run, p) for p in itertools.islice(todo, 2))
+        while pending:
+            result = pending.popleft().result()
+            nxt = next(todo, None)
+            if nxt is not None:
+                pending.append(pool.submit(run, nxt))
+            yield result
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        torch.set_num_threads(threads)
+
+
 def _metadata(src: LoRAModel, out: LoRAModel, recipe: Recipe, report: dict) -> dict:
     t = report["total"]
     settings = dict(recipe.settings())
@@ -416,10 +466,11 @@ def prune_many(model: LoRAModel, recipes, device="cpu", progress=None, base=None
     _check_base(recipes, base)
     if outputs is not None and len(outputs) != len(recipes):
         raise LensError(f"{len(recipes)} recipes need {len(recipes)} output paths, got {len(outputs)}.")
-    if outputs is not None and len(recipes) == 1 and base is None and streamable(recipes[0]):
-        # one output, per-module choices: a single windowed pass (decompose, prune, write, release)
+    if len(recipes) == 1 and base is None and streamable(recipes[0]):
+        # one output, per-module choices: a single windowed pass (decompose, prune, write or keep, release);
+        # in memory and to a file alike, so both give the same bits
         session = PruneSession(model, device, progress, None, False, 1, decompose_now=False)
-        sink = _output_sink(model, outputs[0])
+        sink = _output_sink(model, outputs[0]) if outputs is not None else None
         return [session.run_streamed(recipes[0], sink)]
     session = PruneSession(model, device, progress, base, any(r.lyco == "convert" for r in recipes), len(recipes))
     results = []
