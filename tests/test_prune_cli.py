@@ -227,3 +227,37 @@ def test_streamed_prune_failure_leaves_no_file(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError):
         prune_many(LoRAModel.load(src, mapped=True), "rank=4", outputs=[str(tmp_path / "o.safetensors")])
     assert sorted(os.listdir(tmp_path)) == ["in.safetensors"]
+
+
+def test_parallel_windows_match_the_whole_file_decomposition(tmp_path, monkeypatch):
+    """The windowed pass (two windows at once on worker threads) keeps the same dimensions as a decomposition
+    of the whole file at once, and its ΔW equals that result's to fp16 rounding; torch's thread count is
+    given back afterwards; windows respect both their module and their byte limit."""
+    from lens_ops.prune import core
+    from lens_ops.prune.core import PruneSession, _windows
+    src, _ = sample(tmp_path, layout="sdxl_kohya", rank=16, n=40)
+    model = LoRAModel.load(src)
+    monkeypatch.setattr(core, "STREAM_WINDOW", 5)
+    parts = _windows(model.modules, 5, core.STREAM_WINDOW_BYTES)
+    assert len(parts) == 8 and [m for p in parts for m in p] == model.modules
+    by_bytes = _windows(model.modules, 96, 1)  # every module over the byte limit: one per window
+    assert [len(p) for p in by_bytes] == [1] * 40
+    threads = torch.get_num_threads()
+    windowed, rep = core.prune_many(model, "energy=0.95")[0]
+    assert torch.get_num_threads() == threads
+    whole, rep2 = PruneSession(LoRAModel.load(src)).run("energy=0.95")
+    assert [e["new_rank"] for e in rep["modules"]] == [e["new_rank"] for e in rep2["modules"]]
+    assert any(e["new_rank"] < e["old_rank"] for e in rep["modules"])
+    for m in whole.modules:
+        got, want = windowed.get(m.name).delta(torch.float64), m.delta(torch.float64)
+        assert float((got - want).norm() / want.norm()) < 2e-3, m.name
+
+    class Interrupted(Exception):
+        pass
+
+    def interrupt(done, total):  # ComfyUI's progress bar raises when the user cancels
+        if done >= 10:
+            raise Interrupted()
+    with pytest.raises(Interrupted):
+        core.prune_many(LoRAModel.load(src), "energy=0.95", progress=interrupt)
+    assert torch.get_num_threads() == threads

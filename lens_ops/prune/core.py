@@ -22,6 +22,7 @@ from .rules import budget_select, rule_rank, scores, threshold_for_size
 
 RELEASE_EVERY = 48  # built modules whose input pages are given back together (one madvise per run of them)
 STREAM_WINDOW = 96  # consecutive modules decomposed, pruned and written together in a streamed pass
+STREAM_WINDOW_BYTES = 32 << 20  # ... and at most this many bytes of their float32 factors (big DiT modules)
 ZERO_SV = 1e-6  # resize_lora: layers whose σ_max is below this are all zero and are left out
 
 
@@ -125,19 +126,22 @@ class PruneSession:
             state = self._begin()
             mods = self.model.modules
             n = max(1, len(mods))
-            parts = [mods[start:start + window] for start in range(0, len(mods), window)]
+            parts = _windows(mods, window, STREAM_WINDOW_BYTES)
             if self.device.type == "cpu" and len(parts) > 1 and torch.get_num_threads() > 1:
                 windows = _parallel_windows(parts, lambda part: self._window(part, recipe))
             else:
                 windows = (self._window(part, recipe) for part in parts)
             done = 0
-            for part, (built, entries) in zip(parts, windows):
-                for module in built:
-                    state["emit"](module)
-                state["entries"].extend(entries)
-                done += len(part)
-                if self._progress is not None:
-                    self._progress(min(done, n), n)  # an interrupt point in ComfyUI
+            try:
+                for part, (built, entries) in zip(parts, windows):
+                    for module in built:
+                        state["emit"](module)
+                    state["entries"].extend(entries)
+                    done += len(part)
+                    if self._progress is not None:
+                        self._progress(min(done, n), n)  # an interrupt point in ComfyUI
+            finally:
+                windows.close()  # on an interrupt too: the workers stop, torch's threads are given back
             return self._finish(recipe, state, None)
         except BaseException:
             if sink is not None:
@@ -391,6 +395,22 @@ class PruneSession:
             # padding of the reserved header space must not eat the saving (the output is never larger)
             report["output"] = self._sink.close(meta, max_padding=max(0, report["total"]["bytes_saved"] - growth))
         return out, report
+
+
+def _windows(mods: list, max_modules: int, max_bytes: int) -> list[list]:
+    """Consecutive runs of modules: at most `max_modules`, and at most `max_bytes` of float32 factors
+    (a window's factors are held while it is built; two windows are in flight)."""
+    parts, cur, size = [], [], 0
+    for m in mods:
+        nbytes = 4 * sum(t.numel() for t in m.tensors.values())
+        if cur and (len(cur) >= max_modules or size + nbytes > max_bytes):
+            parts.append(cur)
+            cur, size = [], 0
+        cur.append(m)
+        size += nbytes
+    if cur:
+        parts.append(cur)
+    return parts
 
 
 def _parallel_windows(parts: list, work: Callable):
