@@ -209,3 +209,23 @@ def test_conflict_node(comfy_env):
     blended = pack.NODE_CLASS_MAPPINGS["BlendLoRAs"]().blend(kohya(SD15_LAYERS, f1), peft(SD15_LAYERS, f2), ra, rb,
                                                               exclude=problems)["result"][0]
     assert isinstance(blended, dict) and blended
+
+
+def test_scan_batches_in_parallel_equal_the_serial_scan(monkeypatch):
+    """Batches measured two at a time on worker threads (lens_ops.parallel) give the same report as one by one."""
+    import importlib
+    from lens_ops.parallel import worth_it
+    scan_mod = importlib.import_module("lens_ops.conflict.scan")
+    a = LoRAModel.from_state_dict(make_lora("sdxl_kohya", rank=8, seed=1, max_modules=120))
+    b = LoRAModel.from_state_dict(make_lora("sdxl_kohya", rank=4, seed=2, max_modules=120))
+    monkeypatch.setattr(scan_mod, "BATCH_BYTES", 1 << 16)  # many small batches
+    seen = []
+    par = scan(a, b, progress=lambda d, t: seen.append(d))
+    assert worth_it("cpu", 2) == ((os.cpu_count() or 1) > 1)
+    assert seen == sorted(seen) and seen[-1] == par["shared_modules"]
+    monkeypatch.setattr(scan_mod, "worth_it", lambda device, pieces: False)
+    ser = scan(a, b)
+    assert par["modules"].keys() == ser["modules"].keys()
+    for name, m in ser["modules"].items():
+        for key in ("cosine", "norm_ratio", "subspace_overlap", "interference"):
+            assert par["modules"][name][key] == pytest.approx(m[key], rel=1e-9, abs=1e-12), (name, key)

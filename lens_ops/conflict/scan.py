@@ -5,12 +5,14 @@ from __future__ import annotations
 import math
 import os
 import re
+import threading
 from typing import Callable
 
 import torch
 
 from ..errors import LensError
 from ..model import LoRAModel, ensure_model
+from ..parallel import in_order, worth_it
 from .matching import match_modules
 from .metrics import lowrank_metrics_batch, module_metrics, plain_factors, small_maths
 
@@ -105,28 +107,39 @@ def _all_metrics(shared, device, dtype, progress) -> list:
             continue
         shape = (fa[0].shape[0], fa[1].shape[1], fa[0].shape[1], fb[0].shape[1])
         groups.setdefault(shape, []).append((i, fa, fb))
-    done = 0
+    jobs = []
     for (n, m, r1, r2), items in groups.items():
         per = (n + m) * (r1 + r2) * torch.finfo(work).bits // 8
         size = max(1, min(len(items), BATCH_BYTES // max(per, 1)))
-        bufs = None
-        for start in range(0, len(items), size):
-            chunk = items[start:start + size]
-            k = len(chunk)
-            if bufs is None or bufs[0].shape[0] != k:
-                bufs = (torch.empty(k, n, r1, dtype=work, device=device), torch.empty(k, r1, m, dtype=work, device=device),
-                        torch.empty(k, n, r2, dtype=work, device=device), torch.empty(k, r2, m, dtype=work, device=device))
-            for j, (_, fa, fb) in enumerate(chunk):
-                bufs[0][j].copy_(fa[0])
-                bufs[1][j].copy_(fa[1])
-                bufs[2][j].copy_(fb[0])
-                bufs[3][j].copy_(fb[1])
-            mets = lowrank_metrics_batch(*bufs, [fa[2] for _, fa, _ in chunk], [fb[2] for _, _, fb in chunk])
+        jobs += [((n, m, r1, r2), items[start:start + size]) for start in range(0, len(items), size)]
+    local = threading.local()
+
+    def measure(job):
+        """Metrics of one batch, through this thread's float buffers (reused: no fresh pages per batch)."""
+        (n, m, r1, r2), chunk = job
+        k = len(chunk)
+        shapes = ((k, n, r1), (k, r1, m), (k, n, r2), (k, r2, m))
+        bufs = getattr(local, "bufs", None)
+        if bufs is None or tuple(tuple(b.shape) for b in bufs) != shapes:
+            bufs = local.bufs = tuple(torch.empty(s, dtype=work, device=device) for s in shapes)
+        for j, (_, fa, fb) in enumerate(chunk):
+            bufs[0][j].copy_(fa[0])
+            bufs[1][j].copy_(fa[1])
+            bufs[2][j].copy_(fb[0])
+            bufs[3][j].copy_(fb[1])
+        return lowrank_metrics_batch(*bufs, [fa[2] for _, fa, _ in chunk], [fb[2] for _, _, fb in chunk])
+    # two batches at once on the CPU (lens_ops.parallel): the r×r LAPACK work of one overlaps the other's Grams
+    batches = in_order(jobs, measure) if worth_it(device, len(jobs)) else map(measure, jobs)
+    done = 0
+    try:
+        for (_, chunk), mets in zip(jobs, batches):
             for (i, _, _), met in zip(chunk, mets):
                 results[i] = met
-            done += k
+            done += len(chunk)
             if progress is not None:
                 progress(done, total)
+    finally:
+        getattr(batches, "close", lambda: None)()
     for i in single:
         _, ma, mb = shared[i]
         results[i] = module_metrics(ma, mb, device, dtype)

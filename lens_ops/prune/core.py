@@ -1,17 +1,15 @@
 """prune_model / prune_many: one decomposition, any number of recipes, one output model per recipe."""
 from __future__ import annotations
 
-import itertools
 import json
 import math
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
 import torch
 
 from ..errors import LensError
 from ..model import LoRAModel, LoRAModule, ensure_model
+from ..parallel import in_order, worth_it
 from ..st_io import StreamWriter
 from ..kinds import UNKNOWN
 from .decompose import Decomp, decompose
@@ -116,7 +114,7 @@ class PruneSession:
         report as `run` on a full decomposition.
 
         On the CPU two windows are worked on at once, each on its own thread with half of torch's threads
-        (`_parallel_windows`); the outputs are still written in module order, by this thread."""
+        (`lens_ops.parallel`); the outputs are still written in module order, by this thread."""
         if not streamable(recipe):
             raise LensError(f"Recipe {recipe.text!r} needs the whole file decomposed first; use run().")
         self._release = True
@@ -127,8 +125,8 @@ class PruneSession:
             mods = self.model.modules
             n = max(1, len(mods))
             parts = _windows(mods, window, STREAM_WINDOW_BYTES)
-            if self.device.type == "cpu" and len(parts) > 1 and torch.get_num_threads() > 1:
-                windows = _parallel_windows(parts, lambda part: self._window(part, recipe))
+            if worth_it(self.device, len(parts)):
+                windows = in_order(parts, lambda part: self._window(part, recipe))
             else:
                 windows = (self._window(part, recipe) for part in parts)
             done = 0
@@ -411,33 +409,6 @@ def _windows(mods: list, max_modules: int, max_bytes: int) -> list[list]:
     if cur:
         parts.append(cur)
     return parts
-
-
-def _parallel_windows(parts: list, work: Callable):
-    """work(part) for every part, two at a time on worker threads, yielded in order.
-
-    A window alternates kernels that use both cores well (the Gram products) with ones that do not
-    (the batched r×r eigensolver, fp16↔fp32 copies, Python between kernels); two windows in flight, each
-    with half of torch's threads, keep both cores busy. torch's thread count is restored afterwards."""
-    threads = torch.get_num_threads()
-    per = max(1, threads // 2)
-
-    def run(part):
-        torch.set_num_threads(per)   # this worker's OpenMP threads (and MKL's, process-wide)
-        return work(part)
-    pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="lens-prune")
-    try:
-        todo = iter(parts)
-        pending = deque(pool.submit(run, p) for p in itertools.islice(todo, 2))
-        while pending:
-            result = pending.popleft().result()
-            nxt = next(todo, None)
-            if nxt is not None:
-                pending.append(pool.submit(run, nxt))
-            yield result
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
-        torch.set_num_threads(threads)
 
 
 def _metadata(src: LoRAModel, out: LoRAModel, recipe: Recipe, report: dict) -> dict:
