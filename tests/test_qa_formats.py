@@ -73,3 +73,81 @@ def test_dense_spectrum_of_a_wide_diff_is_taken_on_the_tall_side(tmp_path, monke
     ref = torch.linalg.svdvals(d.double())
     s = torch.tensor(e["singular_values"], dtype=torch.float64)
     assert float((s - ref).norm() / ref.norm()) < 1e-4
+
+
+@pytest.mark.parametrize("kind", ["lokr", "loha"])
+def test_analyze_int8_lycoris_file(tmp_path, kind):
+    """`lora-lens quantize` writes LoHa/LoKr factors as int8 with the scales in alpha; `analyze` of that
+    file failed (IndexError: no floating factor to describe)."""
+    g = _g(3)
+    key = "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q"
+    q = lambda *s: torch.randint(-127, 128, s, generator=g, dtype=torch.int8)  # noqa: E731
+    if kind == "lokr":
+        sd = {key + ".lokr_w1": q(8, 8), key + ".lokr_w2_a": q(80, 4), key + ".lokr_w2_b": q(4, 80)}
+    else:
+        sd = {key + ".hada_w1_a": q(640, 4), key + ".hada_w1_b": q(4, 640),
+              key + ".hada_w2_a": q(640, 4), key + ".hada_w2_b": q(4, 640)}
+    sd[key + ".alpha"] = torch.tensor(1e-6)
+    save_file(sd, str(tmp_path / "q.safetensors"))
+    model = LoRAModel.load(str(tmp_path / "q.safetensors"))
+    e = spectra.analyze_modules(model)[key]
+    ref = torch.linalg.svdvals(model.modules[0].delta(torch.float64).reshape(640, 640))
+    s = torch.tensor(e["singular_values"], dtype=torch.float64)
+    assert float((s - ref).norm() / ref.norm()) < 1e-5
+    assert e["factors"]["count"] == sum(t.numel() for k, t in sd.items() if not k.endswith("alpha"))
+
+
+def test_conflict_lokr_2d_vs_lora_1x1_conv_same_layer(tmp_path):
+    """SD 1.5 proj_in is a 1×1 conv: kohya writes 4-D LoRA factors, LyCORIS LoKr a 2-D kron that ComfyUI
+    reshapes to the weight. Comparing the two was refused as 'trained for different base models'."""
+    from lens_ops.conflict.matching import match_modules
+    g = _g(4)
+    key = "lora_unet_down_blocks_2_attentions_1_proj_in"
+    a = {key + ".lokr_w1": torch.randn(8, 8, generator=g), key + ".lokr_w2_a": torch.randn(160, 4, generator=g),
+         key + ".lokr_w2_b": torch.randn(4, 160, generator=g), key + ".alpha": torch.tensor(4.0)}
+    b = {key + ".lora_down.weight": torch.randn(4, 1280, 1, 1, generator=g),
+         key + ".lora_up.weight": torch.randn(1280, 4, 1, 1, generator=g), key + ".alpha": torch.tensor(4.0)}
+    save_file(a, str(tmp_path / "a.safetensors"))
+    save_file(b, str(tmp_path / "b.safetensors"))
+    ma, mb = LoRAModel.load(str(tmp_path / "a.safetensors")), LoRAModel.load(str(tmp_path / "b.safetensors"))
+    res = match_modules(ma, mb)
+    assert len(res.shared) == 1
+    # and a truly different layer size is still refused
+    c = {key + ".lora_down.weight": torch.randn(4, 640, 1, 1, generator=g),
+         key + ".lora_up.weight": torch.randn(640, 4, 1, 1, generator=g)}
+    save_file(c, str(tmp_path / "c.safetensors"))
+    with pytest.raises(Exception, match="different base models"):
+        match_modules(ma, LoRAModel.load(str(tmp_path / "c.safetensors")))
+
+
+def _lycoris_conv(kind, seed):
+    """One SD 1.5 conv module (320×320×3×3) as LyCORIS writes it without Tucker: a 2-D ΔW over in·kh·kw
+    that ComfyUI reshapes to the weight."""
+    g = _g(seed)
+    key = "lora_unet_down_blocks_0_resnets_0_conv1"
+    if kind == "lokr":
+        sd = {key + ".lokr_w1_a": torch.randn(20, 4, generator=g), key + ".lokr_w1_b": torch.randn(4, 60, generator=g),
+              key + ".lokr_w2_a": torch.randn(16, 4, generator=g), key + ".lokr_w2_b": torch.randn(4, 48, generator=g)}
+    else:
+        sd = {key + f".hada_w{i}_{s}": torch.randn(*shape, generator=g) * 0.1
+              for i in (1, 2) for s, shape in (("a", (320, 4)), ("b", (4, 2880)))}
+    sd[key + ".alpha"] = torch.tensor(2.0)
+    return key, sd
+
+
+@pytest.mark.parametrize("kind", ["lokr", "loha"])
+def test_blend_lycoris_conv_writes_factors_comfy_reshapes(tmp_path, kind):
+    """Blending two LyCORIS LoKr/LoHa files wrote each conv layer as a 2-D `.diff` (320×2880): ComfyUI merges
+    a diff only when its shape equals the weight's (320×320×3×3), so those layers were silently dropped.
+    The exact result now goes out as LoRA factors, which ComfyUI reshapes to the weight."""
+    from lens_ops.blend import blend
+    key, a = _lycoris_conv(kind, 5)
+    _, b = _lycoris_conv(kind, 6)
+    ma, mb = LoRAModel.from_state_dict(a), LoRAModel.from_state_dict(b)
+    ref = 0.5 * ma.modules[0].delta(torch.float64).reshape(320, -1) + 0.3 * mb.modules[0].delta(torch.float64).reshape(320, -1)
+    for method in ("concat", "svd"):
+        out, _ = blend([ma, mb], [0.5, 0.3], method, 0, device="cpu")
+        m = out.get(key)
+        assert m.kind.name == "lora", (method, m.kind.name, {r: tuple(t.shape) for r, t in m.tensors.items()})
+        got = m.delta(torch.float64).reshape(320, -1)
+        assert float((got - ref).norm() / ref.norm()) < 1e-5

@@ -232,6 +232,16 @@ def _tick(progress, step, total):
         progress(step + 1, total)
 
 
+def _factors(mod, dtype, device):
+    """(B, A, scale) of a module; LoKr/LoHa by their exact factors: a dense `.diff` of their flattened ΔW does
+    not match a conv weight's shape and ComfyUI drops it, while it reshapes LoRA factors to the weight."""
+    f = mod.lowrank(dtype, device)
+    if f is None:
+        p = mod.kind.factor_pair(mod, dtype, device)
+        f = None if p is None else (p[0], p[1], mod.scale())
+    return f
+
+
 def _blend_module(key, target, contrib, method, rank, device, dtype, style, density, seed, errors, stats):
     """One output module from [(module, coefficient)]; named and typed like `target` (the first LoRA's)."""
     for mod, _ in contrib:
@@ -245,7 +255,7 @@ def _blend_module(key, target, contrib, method, rank, device, dtype, style, dens
     keys = target.keys if target.kind.name == "lora" and "mid" not in target.tensors else None
     alpha_dtype = target.tensors["alpha"].dtype if "alpha" in target.tensors else None
     want_alpha = ("alpha" in target.tensors) if target.kind.name == "lora" else None
-    factors = [mod.lowrank(dtype, device) for mod, _ in contrib]
+    factors = [_factors(mod, dtype, device) for mod, _ in contrib]
     coefs = [c for _, c in contrib]
     lowrank_ok = all(f is not None for f in factors) and len(shape) >= 2
     if lowrank_ok and method in ("concat", "svd", "pca", "randomized"):

@@ -110,6 +110,14 @@ def _shape(m):
     return None if s is None else tuple(s)
 
 
+def _as_matrix(shape: tuple) -> tuple:
+    """(rows, columns) of a weight shape: a LoKr's 2-D kron and a 4-D 1×1-conv LoRA change the same weight."""
+    cols = 1
+    for d in shape[1:]:
+        cols *= d
+    return (shape[0], cols)
+
+
 def _vocab(model) -> bool | None:
     """True when a model names its diffusion modules in the canonical vocabulary (SGM/BFL), False for diffusers
     names, None when unknown or mixed."""
@@ -280,7 +288,7 @@ def match_modules(a, b, require_overlap: bool = True) -> Matching:
             res.only_a.append((u.key, ma))
             continue
         sa, sb = _shape(ma), _shape(mb)
-        if sa is not None and sb is not None and sa != sb:
+        if sa is not None and sb is not None and _as_matrix(sa) != _as_matrix(sb):  # ComfyUI reshapes ΔW to the weight
             raise LensError(f"Module {ma.name} changes a {sa} weight in {la} but {mb.name} changes a {sb} weight "
                             f"in {lb}: the LoRAs were trained for different base models.")
         res.shared.append((u.key, ma, mb))

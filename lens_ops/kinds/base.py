@@ -57,6 +57,11 @@ class ModuleKind:
         """Dense ΔW (scale applied), or None when the kind has no stand-alone ΔW."""
         return None
 
+    def factor_pair(self, m: "LoRAModule", dtype=torch.float32, device="cpu"):
+        """(B, A) with the flattened ΔW = scale·B@A exactly, for kinds that are not a plain product but have an
+        exact low-rank form (LoKr, LoHa), or None."""
+        return None
+
     def singular_values(self, m: "LoRAModule", dtype=torch.float32, device="cpu") -> torch.Tensor | None:
         """Exact singular values of the flattened ΔW from the kind's structure, or None (then: dense SVD)."""
         return None

@@ -41,6 +41,15 @@ class LoHaKind(ModuleKind):
             return _cp(t["hada_t1"], t["hada_w1_b"], t["hada_w1_a"]), _cp(t["hada_t2"], t["hada_w2_b"], t["hada_w2_a"])
         return t["hada_w1_a"] @ t["hada_w1_b"], t["hada_w2_a"] @ t["hada_w2_b"]
 
+    def factor_pair(self, m, dtype=torch.float32, device="cpu"):
+        """(A1B1)⊙(A2B2) = B@A with B[i,(p,q)] = A1[i,p]·A2[i,q] and A[(p,q),j] = B1[p,j]·B2[q,j] (rank r1·r2)."""
+        if "hada_t1" in m.tensors:
+            return None
+        a1, b1, a2, b2 = (as_float(m.tensors[r], dtype, device) for r in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"))
+        b1, b2 = b1.reshape(b1.shape[0], -1), b2.reshape(b2.shape[0], -1)
+        return ((a1[:, :, None] * a2[:, None, :]).reshape(a1.shape[0], -1),
+                (b1[:, None, :] * b2[None, :, :]).reshape(-1, b1.shape[1]))
+
     def weight_shape(self, m):
         t = m.tensors
         if "hada_t1" in t:

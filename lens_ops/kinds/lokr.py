@@ -57,6 +57,25 @@ class LoKrKind(ModuleKind):
         w1, w2 = self._sides(m, dtype, device)
         return self.scale(m) * torch.kron(w1, w2)
 
+    def factor_pair(self, m, dtype=torch.float32, device="cpu"):
+        """kron(L1R1, L2R2) = kron(L1, L2) @ kron(R1, R2): each side as its two factors (a whole side as W·I or
+        I·W, whichever is thinner), W2 flattened as ComfyUI's 4-D kron implies."""
+        t = {k: as_float(v, dtype, device) for k, v in m.tensors.items() if k.startswith("lokr_")}
+        if "lokr_t2" in t or ("lokr_w1" in t and t["lokr_w1"].ndim > 2 and t["lokr_w1"].shape[2:].numel() != 1):
+            return None
+        sides = []
+        for i in ("1", "2"):
+            if "lokr_w" + i in t:
+                w = t["lokr_w" + i]
+                w = w.reshape(w.shape[0], -1)
+                eye = torch.eye(min(w.shape), dtype=dtype, device=device)
+                sides.append((eye, w) if w.shape[0] <= w.shape[1] else (w, eye))
+            else:
+                b = t[f"lokr_w{i}_b"]
+                sides.append((t[f"lokr_w{i}_a"], b.reshape(b.shape[0], -1)))
+        (l1, r1), (l2, r2) = sides
+        return torch.kron(l1, l2), torch.kron(r1, r2)
+
     def singular_values(self, m, dtype=torch.float32, device="cpu"):
         """σ(kron(W1, W2)) = σ(W1)⊗σ(W2) (W2 flattened: ComfyUI's 4-D kron is kron(W1, W2 as [c, d·kh·kw])),
         padded with zeros to min(rows, cols) of ΔW, as a dense SVD would give."""
