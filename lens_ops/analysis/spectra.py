@@ -173,7 +173,7 @@ def _factored_batch(mods: list[LoRAModule], entries: dict, dtype, device, gen):
 def _dense_module(m: LoRAModule, entry: dict, dtype, device, gen):
     d = m.delta(dtype, device)
     xs = [t.to(device=device, dtype=dtype).flatten() for r, t in m.tensors.items()
-          if r != "alpha" and t.is_floating_point()]
+          if r != "alpha" and (t.is_floating_point() or t.dtype in (torch.int8, torch.uint8))]  # int8: quantized
     fs = factor_numbers(xs)
     entry["factors"] = fs
     entry["route"] = "dense"
