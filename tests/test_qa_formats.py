@@ -151,3 +151,23 @@ def test_blend_lycoris_conv_writes_factors_comfy_reshapes(tmp_path, kind):
         assert m.kind.name == "lora", (method, m.kind.name, {r: tuple(t.shape) for r, t in m.tensors.items()})
         got = m.delta(torch.float64).reshape(320, -1)
         assert float((got - ref).norm() / ref.norm()) < 1e-5
+
+
+def test_extract_over_an_existing_file_is_not_called_damaged(tmp_path, capsys):
+    """Extracting twice into one folder said "Damaged entry 'x' not extracted (… already exists …)": the entry
+    is fine, the file is in the way; the message now says so and names --overwrite."""
+    from lens_ops.cli import main
+    from lens_ops.synth import make_lora
+    sd = make_lora("sdxl_kohya", rank=4, max_modules=2, seed=7)
+    src = tmp_path / "one.safetensors"
+    save_file(dict(sd), str(src), metadata=sd.metadata)
+    db = tmp_path / "c.loradb"
+    assert main(["pack", "-o", str(db), str(src)]) == 0
+    out = tmp_path / "x"
+    assert main(["extract", str(db), "-o", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["extract", str(db), "-o", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "amaged" not in err and "--overwrite" in err and "already exists" in err, err
+    assert len(err.strip().splitlines()) == 1
+    assert main(["extract", str(db), "-o", str(out), "--overwrite"]) == 0

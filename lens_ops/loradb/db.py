@@ -75,6 +75,10 @@ def _new_header(name="", creator="", description="", tags=()) -> dict:
 
 
 # ------------------------------------------------------------------ sources
+class FileInTheWay(LensError):
+    """An entry is fine but its output file already exists (not a damaged entry)."""
+
+
 class Source:
     """One LoRA to pack: a file on disk, or a model from the graph (written to a temp file)."""
 
@@ -399,7 +403,7 @@ class Collection:
             target = os.path.join(folder, fname)
             try:
                 if os.path.exists(target) and not overwrite:
-                    raise LensError(f"{target} already exists; remove it or choose another folder.")
+                    raise FileInTheWay(f"{target} already exists; remove it or choose another folder.")
                 fd, tmp = tempfile.mkstemp(prefix=".lens-", suffix=".tmp", dir=folder)
                 try:
                     h = hashlib.sha256()
@@ -426,7 +430,7 @@ class Collection:
                 written.append({"name": e.get("name"), "path": target, "bytes": int(data.size),
                                 "lossless": bool(e.get("lossless")), "sha256": e.get("output_sha256")})
             except LensError as err:
-                damaged.append({"name": e.get("name"), "error": str(err)})
+                damaged.append({"name": e.get("name"), "error": str(err), "exists": isinstance(err, FileInTheWay)})
             if progress:
                 progress(i + 1, len(entries))
         return {"written": written, "damaged": damaged}
