@@ -171,3 +171,22 @@ def test_extract_over_an_existing_file_is_not_called_damaged(tmp_path, capsys):
     assert "amaged" not in err and "--overwrite" in err and "already exists" in err, err
     assert len(err.strip().splitlines()) == 1
     assert main(["extract", str(db), "-o", str(out), "--overwrite"]) == 0
+
+
+def test_lossy_pack_report_with_an_exactly_kept_entry(tmp_path, capsys):
+    """`pack --int8 --shared-basis on` of a LoKr file next to a kohya LoRA: the LoKr entry is kept exactly
+    (error 0, SNR None = infinite) and printing the report failed with a TypeError after the .loradb
+    had been written."""
+    from lens_ops.cli import main
+    from lens_ops.synth import make_lora
+    sd = make_lora("sdxl_kohya", rank=4, max_modules=3, seed=8)
+    a = tmp_path / "a.safetensors"
+    save_file(dict(sd), str(a), metadata=sd.metadata)
+    _, lokr = _lycoris_conv("lokr", 9)
+    b = tmp_path / "b.safetensors"
+    save_file(lokr, str(b))
+    rc = main(["pack", "-o", str(tmp_path / "c.loradb"), "--recipe", "energy=0.9999", "--int8",
+               "--shared-basis", "on", str(a), str(b)])
+    cap = capsys.readouterr()
+    assert rc == 0, cap.err
+    assert "b " in cap.out or "\nb" in cap.out

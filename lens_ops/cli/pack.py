@@ -37,7 +37,8 @@ def format_report(rep: dict) -> str:
         err = e.get("error") or {}
         note = ", ".join(e.get("layers") or [])
         if err:
-            note += f"; ΔW SNR {err.get('snr_db', float('nan')):.1f} dB (worst module {err.get('worst_module_snr_db', float('nan')):.1f} dB)"
+            db = lambda k: "∞" if err.get(k) is None else f"{err[k]:.1f}"  # noqa: E731  (None: no error at all)
+            note += f"; ΔW SNR {db('snr_db')} dB (worst module {db('worst_module_snr_db')} dB)"
         lines.append(f"{str(e['name'])[:40]:40s} {(e['original_bytes'] or 0) / 2**20:9.2f}M "
                      f"{(e['stored_bytes'] or 0) / 2**20:9.2f}M {e['ratio']:7.3f}  {note}")
     lines.append(f"{len(rep['entries'])} entries: {rep['original_bytes'] / 2**20:.2f} MiB -> "
