@@ -190,3 +190,26 @@ def test_lossy_pack_report_with_an_exactly_kept_entry(tmp_path, capsys):
     cap = capsys.readouterr()
     assert rc == 0, cap.err
     assert "b " in cap.out or "\nb" in cap.out
+
+
+@pytest.mark.parametrize("layout", ["lora"])
+def test_prune_names_a_module_with_nan_and_writes_nothing(tmp_path, capsys, layout):
+    """A LoRA with one NaN made `lora-lens prune` fail with "unexpected error (_LinAlgError …)"."""
+    from lens_ops.cli import main
+    from lens_ops.synth import make_lora
+    if layout == "lora":
+        sd = dict(make_lora("sdxl_kohya", rank=4, max_modules=4, seed=10))
+        key = sorted(k for k in sd if k.endswith("lora_up.weight"))[1]
+    else:
+        _, sd = _lycoris_conv("lokr", 11)
+        key = next(k for k in sd if k.endswith("lokr_w2_b"))
+    sd[key] = sd[key].clone()
+    sd[key].view(-1)[3] = float("nan")
+    src = tmp_path / "nan.safetensors"
+    save_file(sd, str(src))
+    out = tmp_path / "out.safetensors"
+    assert main(["prune", str(src), "-o", str(out), "-r", "rank=2"]) == 2
+    err = capsys.readouterr().err
+    assert key.rsplit(".", 2 if layout == "lora" else 1)[0] in err and "NaN" in err, err
+    assert "unexpected" not in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()

@@ -11,12 +11,14 @@ for, are decomposed from their dense ΔW (they are not a product of two factors)
 """
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
+from ..errors import LensError
 from ..lowrank import core_transforms, factored_svd, gram, work_dtype
 
 CHUNK = 48  # modules per batched r×r step (bounds the Gram memory)
@@ -105,6 +107,9 @@ def decompose(modules: list, device="cpu", progress: Callable[[int, int], None] 
                 else:
                     gb1 = gram(b)
                     ga1 = gram(a.transpose(0, 1))
+                    if not math.isfinite(float(gb1.trace()) + float(ga1.trace())):
+                        raise LensError(f"Module {m.name} contains NaN/Inf values; it cannot be pruned "
+                                        "(fix or drop that module first).")
                     if float(gb1.trace()) == 0.0 or float(ga1.trace()) == 0.0:
                         fallback.append("zero")  # an all-zero factor: ΔW = 0
                     else:
