@@ -213,3 +213,23 @@ def test_prune_names_a_module_with_nan_and_writes_nothing(tmp_path, capsys, layo
     assert key.rsplit(".", 2 if layout == "lora" else 1)[0] in err and "NaN" in err, err
     assert "unexpected" not in err and len(err.strip().splitlines()) == 1
     assert not out.exists()
+
+
+def test_blend_dense_result_takes_the_real_conv_shape(tmp_path):
+    """LoKr (2-D kron over in·kh·kw) first, LoHa CP (4-D, no exact factors) second: the blended `.diff` took the
+    first input's 2-D shape, which ComfyUI does not merge into a 320×320×3×3 conv weight."""
+    from lens_ops.blend import blend
+    key, a = _lycoris_conv("lokr", 12)
+    g = _g(13)
+    b = {key + ".hada_t1": torch.randn(4, 4, 3, 3, generator=g), key + ".hada_t2": torch.randn(4, 4, 3, 3, generator=g),
+         key + ".alpha": torch.tensor(2.0)}
+    for i in (1, 2):
+        b[key + f".hada_w{i}_a"] = torch.randn(4, 320, generator=g) * 0.1
+        b[key + f".hada_w{i}_b"] = torch.randn(4, 320, generator=g) * 0.1
+    ma, mb = LoRAModel.from_state_dict(a), LoRAModel.from_state_dict(b)
+    ref = 0.5 * ma.modules[0].delta(torch.float64).reshape(320, -1) + 0.3 * mb.modules[0].delta(torch.float64).reshape(320, -1)
+    out, _ = blend([ma, mb], [0.5, 0.3], "concat", 0, device="cpu")
+    m = out.get(key)
+    assert tuple(m.weight_shape()) == (320, 320, 3, 3)
+    got = m.delta(torch.float64).reshape(320, -1)
+    assert float((got - ref).norm() / ref.norm()) < 1e-5

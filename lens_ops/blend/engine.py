@@ -252,6 +252,8 @@ def _blend_module(key, target, contrib, method, rank, device, dtype, style, dens
             raise LensError(f"Module {mod.name} ({mod.kind.label}) has no stand-alone ΔW, so it cannot be blended; "
                             "exclude it.")
     shape = tuple(target.weight_shape())
+    # a LoKr/LoHa stores ΔW flattened over in·kh·kw; an input that knows the real (4-D) weight shape wins
+    shape = max((tuple(mod.weight_shape()) for mod, _ in contrib), key=len, default=shape)
     keys = target.keys if target.kind.name == "lora" and "mid" not in target.tensors else None
     alpha_dtype = target.tensors["alpha"].dtype if "alpha" in target.tensors else None
     want_alpha = ("alpha" in target.tensors) if target.kind.name == "lora" else None
