@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import math
 import os
+import re
 
 import pytest
 import torch
@@ -164,3 +165,18 @@ def test_lossy_pack_reports_progress_from_the_first_phase(tmp_path):
     done = [d for d, t in calls]
     assert all(t == 1000 for _, t in calls) and done == sorted(done) and done[-1] == 1000
     assert any(0 < d <= 250 for d in done)   # moved during the prune + decomposition phase
+
+
+def test_recipe_that_alone_misses_the_budget_is_refused_clearly(tmp_path):
+    """`pack --recipe energy=0.99 --int8`: the recipe alone loses more than the 35 dB budget allows. One sentence
+    that says what to change, no file, and a lower budget then packs within it."""
+    from lens_ops.errors import LensError
+    files = _variants(tmp_path, n=2, modules=4)
+    db = str(tmp_path / "c.loradb")
+    with pytest.raises(LensError, match=r"alone leaves step0\.safetensors at ([\d.]+) dB ΔW SNR, under the 35 dB "
+                                        r"budget") as err:
+        pack(db, files, recipe="energy=0.9", int8=True)
+    assert not os.path.exists(db) and not [f for f in os.listdir(tmp_path) if f.startswith(".lens-")]
+    got = float(re.search(r"at ([\d.]+) dB", str(err.value)).group(1))
+    rep = pack(db, files, recipe="energy=0.9", int8=True, snr_db=math.floor(got - 1))
+    assert all(e["error"]["snr_db"] >= math.floor(got - 1) for e in rep["entries"])

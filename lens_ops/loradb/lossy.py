@@ -206,6 +206,13 @@ def prepare_coded(srcs, writer, recipe=None, int8=False, shared_basis="off", snr
                 if nm is not None and qcoef.eligible(nm):
                     mods[i][om.name] = nm
         budget = [e * 10 ** (-(snr_db + 0.02) / 10) - f for e, f in zip(energy, fixed)]
+        for i, b in enumerate(budget):
+            if b <= 0 and fixed[i] > 0:  # the recipe alone already loses more than the whole budget
+                got = 10 * math.log10(energy[i] / fixed[i]) if energy[i] > 0 else 0.0
+                raise LensError(
+                    f"The recipe {recipe!r} alone leaves {srcs[i].file_name} at {got:.1f} dB ΔW SNR, under the "
+                    f"{snr_db:g} dB budget of the lossy layers; choose a gentler recipe (energy=0.9999 keeps "
+                    f"about 40 dB) or a lower budget (--snr / snr_db {math.floor(got - 1):g} or less).")
         # candidate groups: same module name, same shapes, in ≥ 2 LoRAs
         by_name: dict[str, list[int]] = {}
         for i in range(N):
