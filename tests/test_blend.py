@@ -229,6 +229,21 @@ def test_refusals():
         blend([a, a], [1])
 
 
+@pytest.mark.parametrize("method", ["concat", "svd", "ties"])
+def test_nan_input_is_refused_naming_the_module(method):
+    """A NaN/Inf factor would spread into the blend: refused in one sentence that names the module; excluding
+    that module blends the rest."""
+    f1, f2 = make_pair()
+    sd = kohya(SD15_LAYERS, f1)
+    bad = SD15_LAYERS[1][0]
+    sd[bad + ".lora_up.weight"][0, 0] = float("nan")
+    a, b = LoRAModel.from_state_dict(sd), LoRAModel.from_state_dict(kohya(SD15_LAYERS, f2))
+    with pytest.raises(LensError, match=f"Module {bad} contains NaN/Inf values"):
+        blend([a, b], [0.5, 0.5], method, rank=4)
+    out, _ = blend([a, b], [0.5, 0.5], method, rank=4, exclude=bad)
+    assert out.get(bad) is None and all(torch.isfinite(t).all() for m in out.modules for t in m.tensors.values())
+
+
 def test_cli_blend_three_inputs(tmp_path):
     f1, f2 = make_pair(seed=10)
     f3, _ = make_pair(seed=11)

@@ -232,6 +232,13 @@ def _tick(progress, step, total):
         progress(step + 1, total)
 
 
+def _require_finite(mod, tensors) -> None:
+    """A NaN/Inf in an input would spread into the blend's output: refuse it, naming the module."""
+    if not all(bool(torch.isfinite(t).all()) for t in tensors):
+        raise LensError(f"Module {mod.name} contains NaN/Inf values, so the blend would carry them into the output; "
+                        "fix that LoRA or exclude the module (its name works as an exclude item).")
+
+
 def _factors(mod, dtype, device):
     """(B, A, scale) of a module; LoKr/LoHa by their exact factors: a dense `.diff` of their flattened ΔW does
     not match a conv weight's shape and ComfyUI drops it, while it reshapes LoRA factors to the weight."""
@@ -258,6 +265,9 @@ def _blend_module(key, target, contrib, method, rank, device, dtype, style, dens
     alpha_dtype = target.tensors["alpha"].dtype if "alpha" in target.tensors else None
     want_alpha = ("alpha" in target.tensors) if target.kind.name == "lora" else None
     factors = [_factors(mod, dtype, device) for mod, _ in contrib]
+    for (mod, _), f in zip(contrib, factors):
+        if f is not None:
+            _require_finite(mod, f[:2])
     coefs = [c for _, c in contrib]
     lowrank_ok = all(f is not None for f in factors) and len(shape) >= 2
     if lowrank_ok and method in ("concat", "svd", "pca", "randomized"):
@@ -277,6 +287,7 @@ def _blend_module(key, target, contrib, method, rank, device, dtype, style, dens
     taus = []
     for mod, c in contrib:
         d = mod.delta(dtype, device)
+        _require_finite(mod, (d,))
         taus.append(d.reshape(d.shape[0], -1) * c if d.ndim > 1 else d * c)
     if method == "ties" and len(taus) > 1:
         merged = ties_merge(taus, density)
