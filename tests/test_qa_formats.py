@@ -17,6 +17,18 @@ def _g(seed=0):
     return torch.Generator().manual_seed(seed)
 
 
+def _spy_svdvals(monkeypatch) -> list:
+    """The shapes of the matrices torch.linalg.svdvals is asked to decompose from now on."""
+    shapes, real = [], torch.linalg.svdvals
+
+    def spy(x, *a, **k):
+        shapes.append(tuple(x.shape))
+        return real(x, *a, **k)
+
+    monkeypatch.setattr(torch.linalg, "svdvals", spy)
+    return shapes
+
+
 @pytest.mark.parametrize("layout", ["conv4d_w2_full", "flat_both_decomposed"])
 def test_lokr_spectrum_exact_without_svd_of_the_wide_delta(tmp_path, monkeypatch, layout):
     """A real LyCORIS LoKr (SD 1.5, 1280×11520 conv modules) took minutes per module in `analyze`: the
@@ -36,14 +48,7 @@ def test_lokr_spectrum_exact_without_svd_of_the_wide_delta(tmp_path, monkeypatch
     model = LoRAModel.load(str(path))
     m = model.modules[0]
     ref_s = torch.linalg.svdvals(m.delta(torch.float64).reshape(320, -1))
-    shapes = []
-    real = torch.linalg.svdvals
-
-    def spy(x, *a, **k):
-        shapes.append(tuple(x.shape))
-        return real(x, *a, **k)
-
-    monkeypatch.setattr(torch.linalg, "svdvals", spy)
+    shapes = _spy_svdvals(monkeypatch)
     e = spectra.analyze_modules(model)[m.name]
     s = torch.tensor(e["singular_values"], dtype=torch.float64)
     assert s.shape == ref_s.shape
@@ -60,14 +65,7 @@ def test_dense_spectrum_of_a_wide_diff_is_taken_on_the_tall_side(tmp_path, monke
     d = torch.randn(16, 8, generator=g) @ torch.randn(8, 320 * 9, generator=g)
     save_file({key + ".diff": d.reshape(16, 320, 3, 3).contiguous()}, str(tmp_path / "diff.safetensors"))
     model = LoRAModel.load(str(tmp_path / "diff.safetensors"))
-    shapes = []
-    real = torch.linalg.svdvals
-
-    def spy(x, *a, **k):
-        shapes.append(tuple(x.shape))
-        return real(x, *a, **k)
-
-    monkeypatch.setattr(torch.linalg, "svdvals", spy)
+    shapes = _spy_svdvals(monkeypatch)
     e = spectra.analyze_modules(model)[key]
     assert all(r >= c for r, c in shapes), shapes
     ref = torch.linalg.svdvals(d.double())
