@@ -102,8 +102,9 @@ def convention_of(keys: list[str], kinds: set[str]) -> str:
         return "OneTrainer"
     if any(k.startswith("lycoris_") for k in ks):
         return "SimpleTuner LyCORIS"
-    if any(".processor." in k and re.search(r"_lora\d?\.(up|down)\.weight$", k) for k in ks):
-        return "XLabs FLUX"
+    if any(".processor." in k and re.search(r"_lora\d?\.(up|down)\.weight$", k)
+           and k.startswith(("double_blocks.", "single_blocks.")) for k in ks):
+        return "XLabs FLUX"  # diffusers' old attention processors also say `.processor.…_lora.up.weight`
     if any(k.endswith(("_lora.up.weight", ".lora.up.weight")) for k in ks):
         return "diffusers (attention processor)"
     if any(".lora_linear_layer." in k for k in ks):

@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from lora_factory import convention_lora, gen
 from lens_ops.analysis import spectra
 from lens_ops.model import LoRAModel
 
@@ -231,3 +232,12 @@ def test_blend_dense_result_takes_the_real_conv_shape(tmp_path):
     assert tuple(m.weight_shape()) == (320, 320, 3, 3)
     got = m.delta(torch.float64).reshape(320, -1)
     assert float((got - ref).norm() / ref.norm()) < 1e-5
+
+
+@pytest.mark.parametrize("conv, label", [("diffusers_processor", "diffusers (attention processor)"),
+                                         ("xlabs", "XLabs FLUX")])
+def test_attention_processor_names_are_told_apart(conv, label):
+    """diffusers' old attention-processor LoRAs (`…attn1.processor.to_q_lora.up.weight`) were labelled XLabs FLUX,
+    whose keys also say `.processor.…_lora1.up.weight` but start at double_blocks/single_blocks."""
+    model = LoRAModel.from_state_dict(convention_lora(conv, gen(0)))
+    assert model.convention == label
