@@ -63,6 +63,10 @@ class Decomp:
         return b @ self.P.to(device), self.Qt.to(device) @ a
 
 
+def _not_finite(m):
+    raise LensError(f"Module {m.name} contains NaN/Inf values; it cannot be pruned (fix or drop that module first).")
+
+
 def _transforms(gb, ga, scales, dt):
     """`core_transforms` of a batch: float32 Grams wholly in float32 where a is well conditioned
     (F32_MAX_COND), the rest again in float64 (those still not accurate are flagged for Householder QR)."""
@@ -103,13 +107,14 @@ def decompose(modules: list, device="cpu", progress: Callable[[int, int], None] 
                 factors.append((b, a) if keep_factors else (None, None))
                 scales.append(m.scale())
                 if r > min(n, mm):
+                    if not (bool(torch.isfinite(b).all()) and bool(torch.isfinite(a).all())):
+                        _not_finite(m)
                     fallback.append("zero" if m.is_zero() else "qr")
                 else:
                     gb1 = gram(b)
                     ga1 = gram(a.transpose(0, 1))
                     if not math.isfinite(float(gb1.trace()) + float(ga1.trace())):
-                        raise LensError(f"Module {m.name} contains NaN/Inf values; it cannot be pruned "
-                                        "(fix or drop that module first).")
+                        _not_finite(m)
                     if float(gb1.trace()) == 0.0 or float(ga1.trace()) == 0.0:
                         fallback.append("zero")  # an all-zero factor: ΔW = 0
                     else:
