@@ -57,7 +57,8 @@ class PruneSession:
         self.base = base
         self.decs: dict[str, Decomp] = {}
         if decompose_now:
-            self.decs = decompose(model.modules, self.device, dec_progress, convert_lyco, release=self._pages)
+            self.decs = decompose(model.modules, self.device, dec_progress, convert_lyco, release=self._pages,
+                                  parallel=True)
             self._done = n
         self.peft = any(k.endswith((".lora_A.weight", ".lora_A", ".lora_A.default.weight"))
                         for m in model.modules for k in m.keys.values())

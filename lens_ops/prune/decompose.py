@@ -20,6 +20,7 @@ import torch
 
 from ..errors import LensError
 from ..lowrank import core_transforms, factored_svd, gram, work_dtype
+from ..parallel import in_order, worth_it
 
 CHUNK = 48  # modules per batched r×r step (bounds the Gram memory)
 F32_MAX_COND = 1e3  # float32 Grams are decomposed in float32 when a's Cholesky diagonal spans less than this
@@ -79,14 +80,67 @@ def _transforms(gb, ga, scales, dt):
     return p, s, qt, ok
 
 
+def _decompose_chunk(chunk: list, r: int, dt, device, keep_factors: bool) -> dict[str, Decomp]:
+    """Decomps of one chunk of modules of rank r: Grams, batched r×r core, fallbacks."""
+    out: dict[str, Decomp] = {}
+    grams_b, grams_a, scales, shapes, fallback, factors = [], [], [], [], [], []
+    for m in chunk:
+        b, a = m.kind.lowrank(m, dt, device)
+        n, mm = b.shape[0], a.shape[1]
+        shapes.append((n, mm))
+        factors.append((b, a) if keep_factors else (None, None))
+        scales.append(m.scale())
+        if r > min(n, mm):
+            if not (bool(torch.isfinite(b).all()) and bool(torch.isfinite(a).all())):
+                _not_finite(m)
+            fallback.append("zero" if m.is_zero() else "qr")
+        else:
+            gb1 = gram(b)
+            ga1 = gram(a.transpose(0, 1))
+            if not math.isfinite(float(gb1.trace()) + float(ga1.trace())):
+                _not_finite(m)
+            if float(gb1.trace()) == 0.0 or float(ga1.trace()) == 0.0:
+                fallback.append("zero")  # an all-zero factor: ΔW = 0
+            else:
+                fallback.append(None)
+                grams_b.append(gb1)
+                grams_a.append(ga1)
+        del b, a
+    fast = [i for i, f in enumerate(fallback) if f is None]
+    if fast:
+        gb = torch.stack(grams_b)
+        ga = torch.stack(grams_a)
+        del grams_b, grams_a
+        p, s, qt, ok = _transforms(gb, ga, torch.tensor([scales[i] for i in fast], dtype=torch.float64), dt)
+        del gb, ga
+        for j, i in enumerate(fast):
+            m = chunk[i]
+            if bool(ok[j]):
+                out[m.name] = Decomp(m, "factored", *shapes[i], r, scales[i], s[j].cpu(),
+                                     P=p[j].to(dt), Qt=qt[j].to(dt), B=factors[i][0], A=factors[i][1])
+            else:
+                fallback[i] = "qr"
+    for i, f in enumerate(fallback):
+        m = chunk[i]
+        if f == "zero":
+            k = min(r, *shapes[i])
+            out[m.name] = Decomp(m, "zero", *shapes[i], r, scales[i], torch.zeros(k, dtype=torch.float64))
+        elif f == "qr":
+            b, a = m.kind.lowrank(m, torch.float64, device)
+            u, s, vh = factored_svd(b, a, scales[i])
+            out[m.name] = Decomp(m, "explicit", *shapes[i], r, scales[i], s.cpu(), U=u.to(dt), Vh=vh.to(dt))
+    return out
+
+
 def decompose(modules: list, device="cpu", progress: Callable[[int, int], None] | None = None,
               convert_lyco: bool = False, release: Callable | None = None,
-              keep_factors: bool = False) -> dict[str, Decomp]:
+              keep_factors: bool = False, parallel: bool = False) -> dict[str, Decomp]:
     """Exact SVD of every LoRA module (and LoHa/LoKr when `convert_lyco`) in `modules`.
 
     `release(modules)` is called once a chunk of modules' factors have been read (a memory-mapped input gives
     its pages back). `keep_factors` keeps each factored module's work-dtype factors on its Decomp (B, A)
-    so a streamed build that follows at once does not read and convert them again."""
+    so a streamed build that follows at once does not read and convert them again. `parallel` decomposes
+    two chunks at once on the CPU (`lens_ops.parallel`; not from inside another parallel pass)."""
     device = torch.device(device)
     todo = [m for m in modules if m.kind.name == "lora"]
     lyco = [m for m in modules if convert_lyco and m.kind.name in ("loha", "lokr") and not m.is_dora]
@@ -96,62 +150,22 @@ def decompose(modules: list, device="cpu", progress: Callable[[int, int], None] 
     by_rank = defaultdict(list)
     for m in todo:
         by_rank[(m.rank(), work_dtype(m.tensors["up"]))].append(m)
-    for (r, dt), group in by_rank.items():
-        for start in range(0, len(group), CHUNK):
-            chunk = group[start:start + CHUNK]
-            grams_b, grams_a, scales, shapes, fallback, factors = [], [], [], [], [], []
-            for m in chunk:
-                b, a = m.kind.lowrank(m, dt, device)
-                n, mm = b.shape[0], a.shape[1]
-                shapes.append((n, mm))
-                factors.append((b, a) if keep_factors else (None, None))
-                scales.append(m.scale())
-                if r > min(n, mm):
-                    if not (bool(torch.isfinite(b).all()) and bool(torch.isfinite(a).all())):
-                        _not_finite(m)
-                    fallback.append("zero" if m.is_zero() else "qr")
-                else:
-                    gb1 = gram(b)
-                    ga1 = gram(a.transpose(0, 1))
-                    if not math.isfinite(float(gb1.trace()) + float(ga1.trace())):
-                        _not_finite(m)
-                    if float(gb1.trace()) == 0.0 or float(ga1.trace()) == 0.0:
-                        fallback.append("zero")  # an all-zero factor: ΔW = 0
-                    else:
-                        fallback.append(None)
-                        grams_b.append(gb1)
-                        grams_a.append(ga1)
-                del b, a
-            fast = [i for i, f in enumerate(fallback) if f is None]
-            if fast:
-                gb = torch.stack(grams_b)
-                ga = torch.stack(grams_a)
-                del grams_b, grams_a
-                p, s, qt, ok = _transforms(gb, ga, torch.tensor([scales[i] for i in fast], dtype=torch.float64), dt)
-                del gb, ga
-                for j, i in enumerate(fast):
-                    m = chunk[i]
-                    if bool(ok[j]):
-                        out[m.name] = Decomp(m, "factored", *shapes[i], r, scales[i], s[j].cpu(),
-                                             P=p[j].to(dt), Qt=qt[j].to(dt), B=factors[i][0], A=factors[i][1])
-                    else:
-                        fallback[i] = "qr"
-            for i, f in enumerate(fallback):
-                m = chunk[i]
-                if f == "zero":
-                    k = min(r, *shapes[i])
-                    out[m.name] = Decomp(m, "zero", *shapes[i], r, scales[i], torch.zeros(k, dtype=torch.float64))
-                elif f == "qr":
-                    b, a = m.kind.lowrank(m, torch.float64, device)
-                    u, s, vh = factored_svd(b, a, scales[i])
-                    out[m.name] = Decomp(m, "explicit", *shapes[i], r, scales[i], s.cpu(),
-                                         U=u.to(dt), Vh=vh.to(dt))
-            del factors
+    jobs = [(group[start:start + CHUNK], r, dt) for (r, dt), group in by_rank.items()
+            for start in range(0, len(group), CHUNK)]
+
+    def work(job):
+        return _decompose_chunk(*job, device, keep_factors)
+    results = in_order(jobs, work) if parallel and worth_it(device, len(jobs)) else map(work, jobs)
+    try:
+        for (chunk, _, _), decs in zip(jobs, results):
+            out.update(decs)
             done += len(chunk)
             if release is not None:
                 release(chunk)
             if progress is not None:
                 progress(done, total)
+    finally:
+        getattr(results, "close", lambda: None)()
     for m in lyco:
         d = m.delta(torch.float64, device)
         mat = d.reshape(d.shape[0], -1)
