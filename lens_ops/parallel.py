@@ -45,3 +45,11 @@ def in_order(items: Iterable, work: Callable, workers: int = 2) -> Iterator:
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
         torch.set_num_threads(threads)
+
+
+def ordered(items: list, work: Callable, device, parallel: bool = True) -> Iterator:
+    """work(item) for every item, in order: two at a time (`in_order`) where `worth_it`, else one by one on
+    this thread. A generator either way: close it to stop early."""
+    if parallel and worth_it(device, len(items)):
+        return in_order(items, work)
+    return (work(x) for x in items)

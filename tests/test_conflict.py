@@ -223,7 +223,7 @@ def test_scan_batches_in_parallel_equal_the_serial_scan(monkeypatch):
     par = scan(a, b, progress=lambda d, t: seen.append(d))
     assert worth_it("cpu", 2) == ((os.cpu_count() or 1) > 1)
     assert seen == sorted(seen) and seen[-1] == par["shared_modules"]
-    monkeypatch.setattr(scan_mod, "worth_it", lambda device, pieces: False)
+    monkeypatch.setattr("lens_ops.parallel.worth_it", lambda device, pieces: False)
     ser = scan(a, b)
     assert par["modules"].keys() == ser["modules"].keys()
     for name, m in ser["modules"].items():

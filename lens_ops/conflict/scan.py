@@ -12,7 +12,7 @@ import torch
 
 from ..errors import LensError
 from ..model import LoRAModel, ensure_model
-from ..parallel import in_order, worth_it
+from ..parallel import ordered
 from .matching import match_modules
 from .metrics import lowrank_metrics_batch, module_metrics, plain_factors, small_maths
 
@@ -129,7 +129,7 @@ def _all_metrics(shared, device, dtype, progress) -> list:
             bufs[3][j].copy_(fb[1])
         return lowrank_metrics_batch(*bufs, [fa[2] for _, fa, _ in chunk], [fb[2] for _, _, fb in chunk])
     # two batches at once on the CPU (lens_ops.parallel): the r×r LAPACK work of one overlaps the other's Grams
-    batches = in_order(jobs, measure) if worth_it(device, len(jobs)) else map(measure, jobs)
+    batches = ordered(jobs, measure, device)
     done = 0
     try:
         for (_, chunk), mets in zip(jobs, batches):
@@ -139,7 +139,7 @@ def _all_metrics(shared, device, dtype, progress) -> list:
             if progress is not None:
                 progress(done, total)
     finally:
-        getattr(batches, "close", lambda: None)()
+        batches.close()
     for i in single:
         _, ma, mb = shared[i]
         results[i] = module_metrics(ma, mb, device, dtype)

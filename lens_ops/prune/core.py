@@ -9,7 +9,7 @@ import torch
 
 from ..errors import LensError
 from ..model import LoRAModel, LoRAModule, ensure_model
-from ..parallel import in_order, worth_it
+from ..parallel import ordered
 from ..st_io import StreamWriter
 from ..kinds import UNKNOWN
 from .decompose import Decomp, decompose
@@ -126,10 +126,7 @@ class PruneSession:
             mods = self.model.modules
             n = max(1, len(mods))
             parts = _windows(mods, window, STREAM_WINDOW_BYTES)
-            if worth_it(self.device, len(parts)):
-                windows = in_order(parts, lambda part: self._window(part, recipe))
-            else:
-                windows = (self._window(part, recipe) for part in parts)
+            windows = ordered(parts, lambda part: self._window(part, recipe), self.device)
             done = 0
             try:
                 for part, (built, entries) in zip(parts, windows):

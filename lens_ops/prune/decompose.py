@@ -20,7 +20,7 @@ import torch
 
 from ..errors import LensError
 from ..lowrank import core_transforms, factored_svd, gram, work_dtype
-from ..parallel import in_order, worth_it
+from ..parallel import ordered
 
 CHUNK = 48  # modules per batched r×r step (bounds the Gram memory)
 F32_MAX_COND = 1e3  # float32 Grams are decomposed in float32 when a's Cholesky diagonal spans less than this
@@ -97,9 +97,10 @@ def _decompose_chunk(chunk: list, r: int, dt, device, keep_factors: bool) -> dic
         else:
             gb1 = gram(b)
             ga1 = gram(a.transpose(0, 1))
-            if not math.isfinite(float(gb1.trace()) + float(ga1.trace())):
+            tb, ta = float(gb1.trace()), float(ga1.trace())
+            if not math.isfinite(tb + ta):
                 _not_finite(m)
-            if float(gb1.trace()) == 0.0 or float(ga1.trace()) == 0.0:
+            if tb == 0.0 or ta == 0.0:
                 fallback.append("zero")  # an all-zero factor: ΔW = 0
             else:
                 fallback.append(None)
@@ -155,7 +156,7 @@ def decompose(modules: list, device="cpu", progress: Callable[[int, int], None] 
 
     def work(job):
         return _decompose_chunk(*job, device, keep_factors)
-    results = in_order(jobs, work) if parallel and worth_it(device, len(jobs)) else map(work, jobs)
+    results = ordered(jobs, work, device, parallel)
     try:
         for (chunk, _, _), decs in zip(jobs, results):
             out.update(decs)
@@ -165,7 +166,7 @@ def decompose(modules: list, device="cpu", progress: Callable[[int, int], None] 
             if progress is not None:
                 progress(done, total)
     finally:
-        getattr(results, "close", lambda: None)()
+        results.close()
     for m in lyco:
         d = m.delta(torch.float64, device)
         mat = d.reshape(d.shape[0], -1)
