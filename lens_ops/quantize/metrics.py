@@ -117,9 +117,9 @@ def _int_gram(q: torch.Tensor, rows: bool) -> torch.Tensor | None:
     if q.dtype != torch.int8 or k > INT_GRAM_MAX_ROWS or not hasattr(torch, "_int_mm"):
         return None
     try:
-        if rows:
-            return torch._int_mm(q, q.transpose(0, 1).contiguous())
-        return torch._int_mm(q.transpose(0, 1).contiguous(), q)
+        if rows:   # _int_mm takes the transposed view as it is (a contiguous copy of int8 costs as much as the product)
+            return torch._int_mm(q, q.transpose(0, 1))
+        return torch._int_mm(q.transpose(0, 1), q)
     except (RuntimeError, NotImplementedError):
         return None
 
