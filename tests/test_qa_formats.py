@@ -191,10 +191,11 @@ def test_lossy_pack_report_with_an_exactly_kept_entry(tmp_path, capsys):
     assert "b " in cap.out or "\nb" in cap.out
 
 
-@pytest.mark.parametrize("layout", ["lora", "rank_above_rows"])
+@pytest.mark.parametrize("layout", ["lora", "rank_above_rows", "lokr"])
 def test_prune_names_a_module_with_nan_and_writes_nothing(tmp_path, capsys, layout):
     """A LoRA with one NaN made `lora-lens prune` fail with "unexpected error (_LinAlgError …)" (also on the
-    Householder route a rank above the layer's size takes)."""
+    Householder route a rank above the layer's size takes); a LoKr module with NaN, carried through unpruned, was
+    written back without a word."""
     from lens_ops.cli import main
     from lens_ops.synth import make_lora
     if layout == "lora":

@@ -36,6 +36,15 @@ def _header_estimate(model: LoRAModel, metadata: dict) -> int:
     return n
 
 
+
+def _refuse_non_finite(m) -> None:
+    """Modules carried through unpruned (LoHa/LoKr without lyco=convert, diffs, filtered-out layers) are checked
+    too: a prune must not hand back a file with NaN/Inf in it as if it were fine."""
+    for role, t in m.tensors.items():
+        if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
+            raise LensError(f"Module {m.name} contains NaN/Inf values (in {role}); it cannot be pruned or carried "
+                            "through (fix or drop that module first).")
+
 class PruneSession:
     """Holds one model's decomposition so several recipes cost one SVD pass."""
 
@@ -295,6 +304,7 @@ class PruneSession:
         """One module's output (emitted) and its report entry."""
         d = elig.get(m.name)
         if d is None:
+            _refuse_non_finite(m)
             kept = m
             note = notes.get(m.name)
             if rescale != 1.0 and m.kind is not UNKNOWN and m.kind.name not in ("set",):
