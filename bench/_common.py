@@ -51,6 +51,16 @@ def run_timed(code: str, runs: int = 3) -> dict:
     return out
 
 
+def code_process(argv):
+    """Whole process, as a user runs it: interpreter start, imports, work, exit."""
+    return f"""
+import subprocess
+t = time.perf_counter()
+subprocess.run({argv!r}, check=True, capture_output=True)
+elapsed = time.perf_counter() - t
+"""
+
+
 def table(rows: list[list[str]], header: list[str]) -> str:
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
     line = lambda r: "| " + " | ".join(str(x).ljust(w) for x, w in zip(r, widths)) + " |"

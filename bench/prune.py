@@ -14,7 +14,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import generated, run_timed, table  # noqa: E402
+from _common import code_process, generated, run_timed, table  # noqa: E402
 
 THREADS = ""
 
@@ -43,16 +43,6 @@ m = LoRAModel.load({path!r}, mapped=True)   # what `lora-lens prune` does: mappe
 (o, rep), = prune_many(m, {recipe!r}, outputs=[out])
 elapsed = time.perf_counter() - t
 print("SAVED", os.path.getsize(out), rep["total"]["rel_error"], file=sys.stderr)
-"""
-
-
-def code_process(argv):
-    """Whole process, as a user runs it: interpreter start, imports, work, exit."""
-    return f"""
-import subprocess
-t = time.perf_counter()
-subprocess.run({argv!r}, check=True, capture_output=True)
-elapsed = time.perf_counter() - t
 """
 
 
