@@ -249,6 +249,15 @@ class LoRAModel:
     def nbytes(self) -> int:
         return sum(m.nbytes for m in self.modules)
 
+    def header_estimate(self, metadata: dict | None = None) -> int:
+        """Bytes a safetensors header for these tensors and `metadata` takes, rounded up: what a streamed output
+        reserves before its payload."""
+        n = 8 + len(json.dumps(metadata if metadata is not None else self.metadata))
+        for m in self.modules:
+            for k, t in m.tensors.items():
+                n += len(m.keys[k]) + 64 + 6 * t.ndim
+        return n
+
     def replace_modules(self, new: dict[str, LoRAModule]) -> "LoRAModel":
         """A new model with some modules swapped (by name); order and the rest unchanged."""
         mods = [new.get(m.name, m) for m in self.modules]

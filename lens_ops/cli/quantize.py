@@ -66,13 +66,37 @@ def set_threads(args) -> None:
         torch.set_num_threads(args.threads)
 
 
+def _header_bound(model) -> int:
+    """An upper bound of the quantized file's safetensors header: the input's keys plus an alpha key per
+    module, every dtype written as long as the longest name (F8_E4M3), offsets with as many digits as twice the
+    input's size, and room for the provenance metadata."""
+    from ..st_io import _header_bytes
+    big = 2 * model.nbytes + 4096
+    entries = {}
+    for m in model.modules:
+        for role in list(m.tensors) + ([] if "alpha" in m.tensors else ["alpha"]):
+            t = m.tensors.get(role)
+            entries[m.key_for(role)] = {"dtype": "F8_E4M3", "shape": list(t.shape) if t is not None else [],
+                                        "data_offsets": [big, big]}
+    return 8 + len(_header_bytes(entries, model.metadata)) + 4096
+
+
 def quantize_and_print(model, args, extra_report: dict | None = None) -> dict:
     from ..quantize import format_report, quantize_model
+    from ..st_io import StreamWriter
     bar = Bar("quantize")
-    out, rep = quantize_model(model, fmt="fp8" if args.fp8 else "int8", method=args.method,
-                              min_snr=args.min_snr, keep_below=args.keep_fp16, dense_metrics=args.dense_metrics,
-                              metrics=args.metrics, device=args.device, progress=bar)
-    path = out.save(args.output, out.metadata)
+    # modules are written as they are done (the write overlaps the work); nothing is left behind on an error
+    sink = StreamWriter(args.output, forbid=(model.source,) if model.source else (),
+                        header_reserve=_header_bound(model))
+    try:
+        out, rep = quantize_model(model, fmt="fp8" if args.fp8 else "int8", method=args.method,
+                                  min_snr=args.min_snr, keep_below=args.keep_fp16, dense_metrics=args.dense_metrics,
+                                  metrics=args.metrics, device=args.device, progress=bar, sink=sink)
+        # unused header reserve stays as spaces only while it is ≤ 0.2 % of the file (else the payload moves up)
+        path = sink.close(out.metadata, max_padding=out.nbytes // 500)
+    except BaseException:
+        sink.abort()
+        raise
     rep["output"] = path
     rep["input_file_bytes"] = os.path.getsize(args.input)
     rep["output_file_bytes"] = os.path.getsize(path)

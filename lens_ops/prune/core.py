@@ -28,14 +28,6 @@ def _elem(dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
-def _header_estimate(model: LoRAModel, metadata: dict) -> int:
-    n = 8 + len(json.dumps(metadata))
-    for m in model.modules:
-        for k, t in m.tensors.items():
-            n += len(m.keys[k]) + 64 + 6 * t.ndim
-    return n
-
-
 
 def _refuse_non_finite(m) -> None:
     """Modules carried through unpruned (LoHa/LoKr without lyco=convert, diffs, filtered-out layers) are checked
@@ -243,7 +235,7 @@ class PruneSession:
 
     def _fixed_bytes(self, elig, recipe) -> int:
         """Bytes of the output that do not depend on which dimensions are kept."""
-        n = _header_estimate(self.model, self.model.metadata) + 1024
+        n = self.model.header_estimate() + 1024
         for m in self.model.modules:
             if m.name in elig:
                 n += sum(t.numel() * t.element_size() for r, t in m.tensors.items()
@@ -485,7 +477,7 @@ def _output_sink(model: LoRAModel, path: str) -> StreamWriter:
     """A streamed output next to `path` that never replaces the input; header space reserved for the
     input's keys plus room for the new metadata (the payload is moved up instead if it does not fit)."""
     return StreamWriter(path, forbid=(model.source,) if model.source else (),
-                        header_reserve=_header_estimate(model, model.metadata) + 16384)
+                        header_reserve=model.header_estimate() + 16384)
 
 
 def streamable(recipe: Recipe) -> bool:

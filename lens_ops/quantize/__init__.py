@@ -58,7 +58,7 @@ def _dense_size(model: LoRAModel) -> int:
 def quantize_model(model, fmt: str = "int8", method: str = DEFAULT_METHOD, min_snr: float = DEFAULT_MIN_SNR,
                    keep_below: bool = False, dense_metrics: str | None = None, device="cpu",
                    progress: Callable[[int, int], None] | None = None,
-                   metrics: str = "auto") -> tuple[LoRAModel, dict]:
+                   metrics: str = "auto", sink=None) -> tuple[LoRAModel, dict]:
     """Quantize every foldable module. Modules whose ΔW SNR is under `min_snr` dB are reported and, with
     `keep_below`, kept in their original precision (a mixed file, still loadable).
 
@@ -66,7 +66,12 @@ def quantize_model(model, fmt: str = "int8", method: str = DEFAULT_METHOD, min_s
     and max error are obtained: "exact" (dense ΔW of every module), "sampled" (exactly, on a deterministic
     sample of ΔW rows per module; labelled "sampled-rows"), "auto" (exact when the file's LoRA ΔW has at most
     DENSE_BUDGET entries, else sampled). The older `dense_metrics` ("on" = exact, "off" = no MAE/max error,
-    "auto"), when given, takes precedence."""
+    "auto"), when given, takes precedence.
+
+    `sink` (an open lens_ops.st_io.StreamWriter): every module's output tensors are written to it as soon as the
+    module is done, in file order (writing overlaps the quantizing, and the result is never held whole); the
+    returned model then holds the small tensors and only the shapes of the others. The caller closes the sink
+    with the returned model's metadata."""
     model = ensure_model(model)
     if fmt not in FORMATS:
         raise LensError(f"Unknown format {fmt!r}; use int8 or fp8.")
@@ -101,14 +106,25 @@ def quantize_model(model, fmt: str = "int8", method: str = DEFAULT_METHOD, min_s
                                    alpha=m.alpha)
                 res.delta = Stats(res.delta.signal, 0.0, 0.0, 0.0, res.delta.count)
                 res.kept_snr = snr
+        if sink is not None:
+            res.module = _written(sink, res.module)
         results.append(res)
         if progress is not None:
             progress(i + 1, total)
-    out = model.replace_modules({r.name: r.module for r in results if r.quantized})
+    out = model.replace_modules({r.name: r.module for r in results if r.quantized or sink is not None})
     settings = {"format": fmt, "method": method, "min_snr_db": min_snr, "keep_below": bool(keep_below)}
     out.metadata = model.with_provenance("quantize", settings)
     report = build_report(model, out, results, fmt, method, min_snr, keep_below, dense, metrics)
     return out, report
+
+
+def _written(sink, module):
+    """Write a module's tensors to the sink; keep a copy that holds only their shapes (small ones kept)."""
+    from ..model import LoRAModule
+    for role, key in module.keys.items():
+        sink.add(key, module.tensors[role])
+    light = {r: (t if t.numel() <= 16 else torch.empty_like(t, device="meta")) for r, t in module.tensors.items()}
+    return LoRAModule(module.name, dict(module.keys), light, module.kind, module.component)
 
 
 def _quantize_all(modules, fmt, method, device, metrics):
