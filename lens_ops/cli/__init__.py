@@ -85,6 +85,21 @@ def main(argv=None) -> int:
         return 1
 
 
+def _keep_freed_memory() -> None:
+    """glibc only: keep freed blocks up to 64 MiB in the process (and trim its heap only beyond 512 MiB free)
+    instead of handing each back to the kernel. Per-module work allocates and frees many such temporaries on
+    worker threads; with glibc's defaults each new one is fresh pages the kernel must fault in and zero
+    (measured: `lora-lens quantize` on an SDXL rank-128 file 10 % faster, +11 % peak memory; prune and the
+    conflict scan unchanged). A no-op where there is no glibc `mallopt`."""
+    try:
+        import ctypes
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 64 << 20)    # M_MMAP_THRESHOLD
+        libc.mallopt(-1, 512 << 20)   # M_TRIM_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
 def entry() -> None:
     """The `lora-lens` program (console script and `python -m lens_ops`): `main`, then a quick exit.
 
@@ -92,6 +107,7 @@ def entry() -> None:
     atomic inside the command) and its temporary files are gone; what the interpreter's teardown would
     still do is free memory and unload torch, which takes about half a second — more than many commands'
     own work. So the program flushes its output and leaves with os._exit."""
+    _keep_freed_memory()
     code = main()
     for stream in (sys.stdout, sys.stderr):
         try:
