@@ -438,7 +438,7 @@ def test_int8_gram_route_equals_float_route(monkeypatch):
         assert per[name]["mse"] * ref.numel() == pytest.approx(float(((got - ref) ** 2).sum()), rel=5e-6)
 
 
-@pytest.mark.parametrize("shape", [(700, 900, 64), (320, 2560, 32), (1280, 640, 128)])
+@pytest.mark.parametrize("shape", [(700, 900, 64), (320, 2560, 32), (1280, 640, 128), (9000, 5000, 3)])
 def test_code_grams_against_float64(shape):
     """The int32 blocks equal the float64 Gram blocks of the same factors, block by block, and the error energy
     from them equals the dense float64 ΔW error to ~1e-6 — tight enough that dropping the last level's

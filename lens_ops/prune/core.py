@@ -28,7 +28,6 @@ def _elem(dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
-
 def _refuse_non_finite(m) -> None:
     """Modules carried through unpruned (LoHa/LoKr without lyco=convert, diffs, filtered-out layers) are checked
     too: a prune must not hand back a file with NaN/Inf in it as if it were fine."""
@@ -36,6 +35,7 @@ def _refuse_non_finite(m) -> None:
         if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
             raise LensError(f"Module {m.name} contains NaN/Inf values (in {role}); it cannot be pruned or carried "
                             "through (fix or drop that module first).")
+
 
 class PruneSession:
     """Holds one model's decomposition so several recipes cost one SVD pass."""
