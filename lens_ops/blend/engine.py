@@ -36,6 +36,7 @@ def _linear(m) -> bool:
 
 def _carry(m, coef: float, style: OutputStyle, first: bool, renamed_counter: list):
     """A module only one input has, scaled by its strength; renamed into the first LoRA's convention if possible."""
+    _require_finite(m, [t for t in m.tensors.values() if t.is_floating_point()])
     if coef != 1.0:
         if m.is_dora:
             raise LensError(f"Module {m.name} is DoRA: its change is not linear in strength, so it cannot be "
@@ -267,7 +268,7 @@ def _blend_module(key, target, contrib, method, rank, device, dtype, style, dens
     factors = [_factors(mod, dtype, device) for mod, _ in contrib]
     for (mod, _), f in zip(contrib, factors):
         if f is not None:
-            _require_finite(mod, f[:2])
+            _require_finite(mod, f[:2] + (torch.tensor(float(f[2])),))
     coefs = [c for _, c in contrib]
     lowrank_ok = all(f is not None for f in factors) and len(shape) >= 2
     if lowrank_ok and method in ("concat", "svd", "pca", "randomized"):

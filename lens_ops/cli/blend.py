@@ -72,6 +72,8 @@ def run(args) -> int:
     if len(args.inputs) < 2:
         raise LensError("Give at least two LoRA files to blend, e.g. A.safetensors:0.7 B.safetensors:0.3.")
     specs = [parse_input(s) for s in args.inputs]
+    if not args.output.lower().endswith(".safetensors"):
+        raise LensError(f"The output name {args.output!r} must end in .safetensors.")
     out_abs = os.path.abspath(args.output)
     for path, _ in specs:
         if os.path.exists(path) and os.path.exists(out_abs) and os.path.samefile(path, out_abs):

@@ -56,10 +56,19 @@ def _check_paths(args) -> None:
         raise LensError(f"Refusing to overwrite the input file {args.input}; choose another output name.")
     if not args.output.lower().endswith(".safetensors"):
         raise LensError(f"The output name {args.output!r} must end in .safetensors.")
+    report = getattr(args, "report", None)
+    if report:  # checked before any work: the report must never replace an input or the output
+        if os.path.abspath(report) == os.path.abspath(args.output) or (
+                os.path.exists(report) and os.path.samefile(report, args.input)):
+            raise LensError(f"The report file {report} would overwrite the input or the output LoRA; "
+                            "choose another --report name.")
+        folder = os.path.dirname(os.path.abspath(report))
+        if not os.path.isdir(folder):
+            raise LensError(f"The folder of the report file {report} does not exist.")
 
 
 def set_threads(args) -> None:
-    if getattr(args, "threads", None):
+    if getattr(args, "threads", None) is not None:
         if args.threads < 1:
             raise LensError("--threads must be 1 or more.")
         import torch
@@ -124,6 +133,9 @@ def run(args) -> int:
     if args.dequantize:
         from ..quantize import dequantize_model
         out, rep = dequantize_model(model, args.dequantize)
+        if not rep["modules_converted"]:
+            raise LensError(f"{os.path.basename(args.input)} has no int8/fp8 tensors and is already "
+                            f"{args.dequantize}: nothing to dequantize.")
         path = out.save(args.output, out.metadata)
         rep.update(output=path, output_file_bytes=os.path.getsize(path), input_file_bytes=os.path.getsize(args.input))
         if args.json:

@@ -273,6 +273,11 @@ def quantize_module(m: LoRAModule, fmt: str = "int8", method: str = "auto", dens
     if mode not in MAE_MODES:
         raise LensError(f"Unknown MAE/max-error mode {mode!r}; use {', '.join(MAE_MODES)}.")
     kind = m.kind.name
+    if kind in FOLDABLE and _already_stored_as(m, fmt):
+        # its factors are already codes of this format (e.g. a QuantizeInt8 output): re-rounding them, after a
+        # rank-space transform, would only lose precision for no size gain, so the module is kept exactly
+        return ModuleResult(m.name, kind, m, "kept", _dtype_label(m), quantized=False,
+                            note=f"already {fmt}: kept as is (re-rounding would only lose precision)", alpha=m.alpha)
     if kind == "lora":
         return _lora(m, fmt, method, mode, device)
     if kind in ("loha", "lokr"):
@@ -283,6 +288,13 @@ def quantize_module(m: LoRAModule, fmt: str = "int8", method: str = "auto", dens
     stored = _dtype_label(m)
     return ModuleResult(m.name, kind, m, "kept", stored, quantized=False, note=f"kept as is ({reason})",
                         alpha=m.alpha)
+
+
+def _already_stored_as(m: LoRAModule, fmt: str) -> bool:
+    """True when every factor tensor (all but alpha / dora_scale) is already stored in `fmt`'s dtype."""
+    dtype = FORMATS[fmt][0]
+    roles = [r for r in m.tensors if r not in ("alpha", "dora_scale")]
+    return bool(roles) and all(m.tensors[r].dtype == dtype for r in roles)
 
 
 def _dtype_label(m: LoRAModule) -> str:
