@@ -4,7 +4,10 @@ safetensors load+save of an SDXL rank-128 file.
 
 Usage: python bench/quantize.py [--quality] [--time] [--runs 3] [--time-rank 128] [--time-methods default,naive]
        [--slice N] [--threads N]
-Quality runs in this process (deterministic). Timings run each step in a fresh process (median of --runs).
+Quality runs in this process (deterministic). Timings run each step in a fresh process (median of --runs):
+the in-process rows time load → quantize → report → save inside that process; the whole-process rows (full
+files, default threads) time `lora-lens quantize` as a user runs it — interpreter start, imports, work, exit —
+against `python -c 'load_file; save_file'` run the same way.
 """
 import argparse
 import os
