@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 
 from ..lens_ops import LensError
+from ..lens_ops.loradb.db import safe_file_name
 from ..lens_ops.st_io import safe_join
 from .common import CATEGORY, LORA, as_socket, lora_names, lora_path, mtime_of, progress, torch_device
 
@@ -73,6 +74,20 @@ def _split(text: str) -> list[str]:
     for line in str(text or "").replace(",", "\n").splitlines():
         if line.strip():
             out.append(line.strip())
+    return out
+
+
+def _wanted(text: str, c) -> list[str]:
+    """Entry names from the widget: one per line, or comma-separated; a line that is itself an entry's
+    name (or file name) is taken whole, so names with commas can be picked."""
+    known = {str(e.get(k)) for e in c.entries for k in ("name", "file_name")}
+    out = []
+    for line in str(text or "").splitlines():
+        line = line.strip()
+        if line in known:
+            out.append(line)
+        else:
+            out += [w.strip() for w in line.split(",") if w.strip()]
     return out
 
 
@@ -166,16 +181,18 @@ class PackLoRADB:
                 items.append(lora_path(f))
         if not items:
             raise LensError("Nothing to pack: connect LoRAs or pick files from the loras folders.")
-        stem = os.path.basename(str(name).strip()) or "collection"
+        stem = str(name).strip()
         stem = stem[:-len(".loradb")] if stem.lower().endswith(".loradb") else stem
+        # the name becomes a file name: no folders, control characters, reserved or over-long names
+        stem = safe_file_name(stem, fallback="collection")[:-len(".safetensors")]
         folder = _loradb_dir()
         target = safe_join(folder, stem + ".loradb")
         n = 2
         while os.path.exists(target) and not overwrite:
             target = safe_join(folder, f"{stem}_{n}.loradb")
             n += 1
-        if os.path.exists(target) and overwrite:
-            os.unlink(target)
+        # with overwrite the new collection replaces the old one only once it is complete (temp file + rename):
+        # a pack that fails leaves the old collection as it was
         use_recipe = recipe if optimisation.startswith("prune") else None
         if optimisation.startswith("prune") and not str(recipe).strip():
             raise LensError("The prune options need a recipe (e.g. energy=0.9997).")
@@ -227,10 +244,10 @@ class ExtractLoRADB:
         from ..lens_ops.loradb import open_collection
         from ..lens_ops.cli.list import format_listing
         path = _loradb_path(loradb)
-        wanted = _split(entries)
-        names = None if not wanted or [w.lower() for w in wanted] == ["all"] else wanted
         outs, out_names, lines = [], [], []
         with open_collection(path) as c:
+            wanted = _wanted(entries, c)
+            names = None if not wanted or [w.lower() for w in wanted] == ["all"] else wanted
             contents = format_listing(c)
             chosen = c.find(names)
             bar = progress(len(chosen))

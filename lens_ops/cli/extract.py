@@ -28,12 +28,14 @@ def run(args) -> int:
         note = "bit-identical to the packed file (sha256)" if w["lossless"] else \
             ("lossy source (app v1.0 deltas)" if legacy else "lossy entry, equal to what was recorded (sha256)")
         print(f"{w['path']}  {w['bytes'] / 2**20:.2f} MiB  {note}")
-    if res["damaged"] and all(d.get("exists") for d in res["damaged"]):
+    if res["damaged"] and all(d.get("exists") or d.get("write") for d in res["damaged"]):
         names = ", ".join(repr(d["name"]) for d in res["damaged"])
         ok = f"; the other {len(res['written'])} entries were extracted" if res["written"] else ""
+        hint = " (or pass --overwrite)" if res["damaged"][0].get("exists") else ""
         raise LensError(f"Entr{'y' if len(res['damaged']) == 1 else 'ies'} {names} not extracted: "
-                        f"{res['damaged'][0]['error'].rstrip('.')} (or pass --overwrite){ok}.")
+                        f"{res['damaged'][0]['error'].rstrip('.')}{hint}{ok}.")
     if res["damaged"]:
+        res["damaged"].sort(key=lambda d: bool(d.get("exists") or d.get("write")))   # real damage first
         names = ", ".join(repr(d["name"]) for d in res["damaged"])
         first = res["damaged"][0]["error"].rstrip(".")
         ok = f"; the other {len(res['written'])} entries were extracted" if res["written"] else ""

@@ -32,15 +32,20 @@ def add_arguments(p):
 
 
 def format_report(rep: dict) -> str:
+    from .list import mib, show, words   # (names and records may come from a stranger's file: convert)
     lines = [f"{'entry':40s} {'original':>10s} {'stored':>10s} {'ratio':>7s}  layers / error"]
     for e in rep["entries"]:
-        err = e.get("error") or {}
-        note = ", ".join(e.get("layers") or [])
+        err = e.get("error") if isinstance(e.get("error"), dict) else {}
+        note = ", ".join(words(e.get("layers")))
         if err:
-            db = lambda k: "∞" if err.get(k) is None else f"{err[k]:.1f}"  # noqa: E731  (None: no error at all)
+            def db(k):   # None: no error at all
+                v = err.get(k)
+                return "∞" if v is None else f"{v:.1f}" if isinstance(v, (int, float)) and not isinstance(v, bool) \
+                    else "?"
             note += f"; ΔW SNR {db('snr_db')} dB (worst module {db('worst_module_snr_db')} dB)"
-        lines.append(f"{str(e['name'])[:40]:40s} {(e['original_bytes'] or 0) / 2**20:9.2f}M "
-                     f"{(e['stored_bytes'] or 0) / 2**20:9.2f}M {e['ratio']:7.3f}  {note}")
+        ratio = e["ratio"] if isinstance(e.get("ratio"), float) else 0.0
+        lines.append(f"{show(e['name'])[:40]:40s} {mib(e['original_bytes']):9.2f}M "
+                     f"{mib(e['stored_bytes']):9.2f}M {ratio:7.3f}  {note}")
     lines.append(f"{len(rep['entries'])} entries: {rep['original_bytes'] / 2**20:.2f} MiB -> "
                  f"{rep['loradb_bytes'] / 2**20:.2f} MiB ({rep['reduction_percent']:.1f} % smaller) in {rep['path']}")
     return "\n".join(lines)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 import threading
@@ -50,11 +51,58 @@ def inflate(data: bytes, raw_len: int, cap: int, what: str) -> bytes:
     return out
 
 
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
 def loads_json(raw: bytes, what: str):
+    """JSON text → object; a lone surrogate escape (valid JSON, not valid Unicode: it could not be printed,
+    written back or used as a file name) makes the text corrupt too."""
     try:
-        return json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError):
-        raise LensError(f"{what} is corrupt (not valid JSON).") from None
+        obj = json.loads(raw.decode("utf-8") if not isinstance(raw, str) else raw)
+        if _SURROGATE_ESCAPE.search(raw if not isinstance(raw, str) else raw.encode("utf-8", "replace")):
+            dumps_json(obj)   # raises UnicodeEncodeError on a lone (unpaired) surrogate
+        return obj
+    except (UnicodeDecodeError, UnicodeEncodeError, ValueError, RecursionError):
+        raise LensError(f"{what} is corrupt (not valid JSON text).") from None
+
+
+def clean_text(obj):
+    """Strings (recursively) with lone surrogates replaced, so they can be stored, printed and compared."""
+    if isinstance(obj, str):
+        try:
+            obj.encode("utf-8")
+            return obj
+        except UnicodeEncodeError:
+            return obj.encode("utf-8", "replace").decode("utf-8")
+    if isinstance(obj, dict):
+        return {clean_text(k): clean_text(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [clean_text(v) for v in obj]
+    return obj
+
+
+def new_file_mode() -> int:
+    """The permissions a plain open() would give a new file (0666 minus the umask): files made through
+    mkstemp (0600) are set to this before they are renamed into place. The umask is read from /proc, not
+    set and reset, which would race with other threads (ComfyUI's server)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0o644
+
+
+def make_folder(folder: str) -> None:
+    """os.makedirs, with one sentence when the place is a file or cannot be created."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        raise LensError(f"Cannot use {folder} as a folder ({e.strerror or e}).") from None
+    if not os.path.isdir(folder):
+        raise LensError(f"Cannot use {folder} as a folder (it is a file).")
 
 
 def dumps_json(obj) -> bytes:
@@ -214,8 +262,11 @@ class Writer:
             # header and every entry table go to the FRONT of the file and the payloads follow, so a
             # truncated file still lists every entry and extracts those whose bytes survived
             folder = os.path.dirname(self.path) or "."
-            os.makedirs(folder, exist_ok=True)
-            fd, self.tmp = tempfile.mkstemp(prefix=".lens-", suffix=".loradb.tmp", dir=folder)
+            make_folder(folder)
+            try:
+                fd, self.tmp = tempfile.mkstemp(prefix=".lens-", suffix=".loradb.tmp", dir=folder)
+            except OSError as e:
+                raise LensError(f"Cannot write into {folder} ({e.strerror or e}).") from None
             self.f = os.fdopen(fd, "w+b")
             self.generation = 0
         self.written = 0
@@ -330,6 +381,7 @@ class Writer:
                 out.flush()
                 os.fsync(out.fileno())
                 self._write_slot(1, hoff, hstored, hraw, out)
+                os.chmod(final_tmp, new_file_mode())
             self.f.close()
             os.replace(final_tmp, self.path)
             os.unlink(self.tmp)

@@ -6,6 +6,7 @@ import os
 import re
 import tempfile
 import time
+import unicodedata
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Callable, Iterable
@@ -15,10 +16,10 @@ import numpy as np
 from .. import __version__
 from ..errors import LensError
 from ..training_meta import trigger_words
-from .container import Reader, Writer, loads_json
+from .container import Reader, Writer, clean_text, loads_json, make_folder, new_file_mode
 from .entry import DedupIndex, decode_file, encode_file
-from .spec import (DEFAULT_LEVEL, FORMAT_MAJOR, FORMAT_MINOR, MAGIC, MAX_ENTRY_OUTPUT, MAX_NAME_CHARS,
-                   MAX_TABLE_BYTES, WINDOWS_RESERVED)
+from .spec import (DEFAULT_LEVEL, FORMAT_MAJOR, FORMAT_MINOR, MAGIC, MAX_ENTRY_OUTPUT, MAX_NAME_BYTES,
+                   MAX_NAME_CHARS, MAX_TABLE_BYTES, WINDOWS_RESERVED)
 
 if TYPE_CHECKING:  # the model (and torch) is imported only where an entry becomes a model: listing and
     from ..model import LoRAModel  # lossless extraction stay torch-free and start fast
@@ -29,23 +30,33 @@ CODEC_NAME = "bytegroup-zstd"
 
 
 # ------------------------------------------------------------------ names
+_UNSAFE_CATEGORIES = {"Cc", "Cf", "Cs", "Co", "Zl", "Zp"}   # controls (C0 and C1), bidi/format, surrogates,
+                                                            # private use, line/paragraph separators
+
+
+def _unsafe_to(s: str, repl: str) -> str:
+    return "".join(repl if unicodedata.category(c) in _UNSAFE_CATEGORIES else c for c in s)
+
+
 def safe_file_name(name, fallback: str = "entry") -> str:
-    """A file name that cannot escape a folder: no separators, no '..', no control characters, no
-    reserved device names, no leading dot; ends in .safetensors."""
+    """A file name that cannot escape a folder: no separators, no '..', no control, format (bidi override)
+    or reserved characters, no leading dot, no reserved device names, at most MAX_NAME_CHARS characters and
+    MAX_NAME_BYTES UTF-8 bytes before the suffix (file systems cap names at 255 bytes); ends in .safetensors."""
     s = str(name) if isinstance(name, str) else ""
     s = s.replace("\\", "/").split("/")[-1]
-    s = re.sub(r"[\x00-\x1f\x7f<>:\"|?*]", "_", s).strip().strip(".").strip()
+    s = _unsafe_to(re.sub(r"[<>:\"|?*]", "_", s), "_").strip().strip(".").strip()
     stem = s[: -len(SUFFIX)] if s.lower().endswith(SUFFIX) else s
     stem = stem.strip().strip(".")
-    if not stem or stem in (".", "..") or stem.split(".")[0].upper() in WINDOWS_RESERVED:
+    if not stem or stem in (".", "..") or stem.split(".")[0].strip().upper() in WINDOWS_RESERVED:
         stem = (fallback + "_" + stem) if stem else fallback
     stem = stem.replace("..", "_")[:MAX_NAME_CHARS]
+    stem = stem.encode("utf-8")[:MAX_NAME_BYTES].decode("utf-8", "ignore").rstrip(" .") or fallback
     return stem + SUFFIX
 
 
 def entry_name(name) -> str:
     s = str(name) if isinstance(name, str) else ""
-    s = re.sub(r"[\x00-\x1f\x7f]", "", s).strip()[:MAX_NAME_CHARS]
+    s = _unsafe_to(s, "").strip()[:MAX_NAME_CHARS]
     return s
 
 
@@ -79,6 +90,10 @@ class FileInTheWay(LensError):
     """An entry is fine but its output file already exists (not a damaged entry)."""
 
 
+class CannotWrite(LensError):
+    """An entry is fine but its file could not be written (the folder, the disk; not a damaged entry)."""
+
+
 class Source:
     """One LoRA to pack: a file on disk, or a model from the graph (written to a temp file)."""
 
@@ -107,7 +122,13 @@ class Source:
         """The LoRA (memory-mapped when `mapped`: its pages can be handed back, see LoRAModel.release)."""
         if self._model is None:
             from ..model import LoRAModel
-            self._model = LoRAModel.load(self.path, mapped=mapped)
+            try:
+                self._model = LoRAModel.load(self.path, mapped=mapped)
+            except LensError as e:   # among many files, say which one
+                msg = str(e)
+                if self.file_name in msg or os.path.basename(self.path) in msg:
+                    raise
+                raise LensError(f"{self.file_name}: {msg[:1].lower() + msg[1:]}") from None
         return self._model
 
     def cleanup(self):
@@ -155,6 +176,7 @@ def _write_entries(writer: Writer, header: dict, sources: list[Source], dedup: D
                "lossless": out is None, "output_bytes": stats["size"], "output_sha256": stats["sha256"],
                "stored_bytes": writer.written - before, "dedup_bytes": stats["dedup_bytes"],
                "table": tdesc, "error": None, "added": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        rec["metadata"], rec["trigger_words"] = clean_text(rec["metadata"]), clean_text(rec["trigger_words"])
         if out:
             rec["layers"] = out["layers"] + rec["layers"]
             rec["error"] = out["error"]
@@ -255,9 +277,24 @@ def pack(out_path: str, items: Iterable, name: str = "", creator: str = "", desc
     return report_of(path, header)
 
 
+def _check_ours(db_path: str) -> None:
+    """Appending and removing work in place on our own format only: an app v1.0 file is converted first."""
+    if os.path.isfile(db_path):
+        with open(db_path, "rb") as f:
+            if f.read(8) != MAGIC:
+                try:
+                    from .legacy import LegacyCollection
+                    LegacyCollection(db_path)
+                except LensError:
+                    return   # not a collection at all: the reader's own sentence follows
+                raise LensError(f"{os.path.basename(db_path)} is a LoRA Lens app v1.0 collection; rewrite it in "
+                                "this format first (lora-lens convert OLD.loradb NEW.loradb), then add or remove.")
+
+
 def append(db_path: str, items: Iterable, level: int = DEFAULT_LEVEL, progress: Progress = None) -> dict:
     """Add entries (lossless) to an existing collection in place: new payloads go after the current end,
     then a new header is committed through the older slot; the rest is not rewritten."""
+    _check_ours(db_path)
     srcs = _sources(list(items))
     writer = Writer(db_path, append=True, level=level)
     try:
@@ -284,6 +321,7 @@ def append(db_path: str, items: Iterable, level: int = DEFAULT_LEVEL, progress: 
 def remove(db_path: str, names: Iterable[str]) -> dict:
     """Drop entries from the header only (their bytes stay until `lora-lens convert` rewrites the file)."""
     names = list(names)
+    _check_ours(db_path)
     writer = Writer(db_path, append=True)
     try:
         with Reader(db_path) as r:
@@ -347,12 +385,14 @@ class Collection:
         if not names:
             return list(self.entries)
         out = []
-        for n in names:
-            hit = [e for e in self.entries if e.get("name") == n or e.get("file_name") == n
-                   or e.get("file_name") == safe_file_name(n)]
-            if not hit:
+        for n in names:   # an exact entry name wins over a file name, which wins over a sanitised one
+            hit = next((e for test in (lambda e: e.get("name") == n, lambda e: e.get("file_name") == n,
+                                       lambda e: e.get("file_name") == safe_file_name(n))
+                        for e in self.entries if test(e)), None)
+            if hit is None:
                 raise LensError(f"{self.name} has no entry named {n!r}; run `lora-lens list` to see the names.")
-            out.append(hit[0])
+            if not any(hit is o for o in out):   # an entry named twice is extracted once
+                out.append(hit)
         return out
 
     def extract_bytes(self, entry: dict, verify: bool = True, sink=None) -> np.ndarray:
@@ -372,6 +412,7 @@ class Collection:
             data = decode_file(self.reader, _table(self.reader, entry), what, size, sink)
         except LensError as e:
             msg = str(e)
+            msg = msg.replace(f"{self.name}: {self.name}: ", f"{self.name}: ")   # (the reader names the file too)
             raise LensError(msg if f"entry {entry.get('name')!r}" in msg
                             else f"{what} is damaged: {msg}") from None
         if data.size != size or (verify and _sha_of(data) != entry.get("output_sha256")):
@@ -396,15 +437,23 @@ class Collection:
         """Write entries as their original file names into `folder`; undamaged entries are written even
         when others are damaged (those are listed in 'damaged'; nothing partial is left behind)."""
         entries = self.find(names)
-        os.makedirs(folder, exist_ok=True)
-        written, damaged = [], []
+        make_folder(folder)
+        written, damaged, used = [], [], set()
         for i, e in enumerate(entries):
             fname = safe_file_name(e.get("file_name") or e.get("name"), fallback=f"entry_{i}")
+            stem, n = fname[: -len(SUFFIX)], 2
+            while fname.lower() in used:   # two entries with one file name (the app's files, hostile ones):
+                fname = f"{stem} ({n}){SUFFIX}"   # the later one gets a number, never the earlier's file
+                n += 1
+            used.add(fname.lower())
             target = os.path.join(folder, fname)
             try:
                 if os.path.exists(target) and not overwrite:
                     raise FileInTheWay(f"{target} already exists; remove it or choose another folder.")
-                fd, tmp = tempfile.mkstemp(prefix=".lens-", suffix=".tmp", dir=folder)
+                try:
+                    fd, tmp = tempfile.mkstemp(prefix=".lens-", suffix=".tmp", dir=folder)
+                except OSError as err:
+                    raise CannotWrite(f"cannot write into {folder} ({err.strerror or err}).") from None
                 try:
                     h = hashlib.sha256()
                     with os.fdopen(fd, "wb", buffering=0) as f:
@@ -422,7 +471,11 @@ class Collection:
                     if h.hexdigest() != e.get("output_sha256"):
                         raise LensError(f"{self.name}: entry {e.get('name')!r} is damaged: its rebuilt bytes "
                                         "fail the recorded sha256 checksum.")
-                    os.replace(tmp, target)
+                    try:
+                        os.chmod(tmp, new_file_mode())
+                        os.replace(tmp, target)
+                    except OSError as err:
+                        raise CannotWrite(f"{target} could not be written ({err.strerror or err}).") from None
                 except BaseException:
                     if os.path.exists(tmp):
                         os.unlink(tmp)
@@ -430,7 +483,8 @@ class Collection:
                 written.append({"name": e.get("name"), "path": target, "bytes": int(data.size),
                                 "lossless": bool(e.get("lossless")), "sha256": e.get("output_sha256")})
             except LensError as err:
-                damaged.append({"name": e.get("name"), "error": str(err), "exists": isinstance(err, FileInTheWay)})
+                damaged.append({"name": e.get("name"), "error": str(err), "exists": isinstance(err, FileInTheWay),
+                                "write": isinstance(err, CannotWrite)})
             if progress:
                 progress(i + 1, len(entries))
         return {"written": written, "damaged": damaged}
@@ -464,11 +518,14 @@ def convert(old: str, new: str, progress: Progress = None, level: int = DEFAULT_
     if os.path.exists(new) and os.path.samefile(old, new):
         raise LensError("Refusing to overwrite the input file; choose another output name.")
     with Collection(old) as c:
-        coll = c.collection
-        header = _new_header(coll.get("name") or os.path.splitext(c.name)[0], coll.get("creator", ""),
-                             coll.get("description", ""), coll.get("tags") or [])
+        coll = c.collection if isinstance(c.collection, dict) else {}
+        text = lambda v: v if isinstance(v, str) else ""  # noqa: E731  (a stranger's header: keep only text)
+        tags = coll.get("tags")
+        header = _new_header(text(coll.get("name")) or os.path.splitext(c.name)[0], text(coll.get("creator")),
+                             text(coll.get("description")),
+                             [t for t in tags if isinstance(t, str)] if isinstance(tags, list) else [])
         for k in ("created", "edition", "source_format"):
-            if coll.get(k):
+            if coll.get(k) and isinstance(coll[k], str):
                 header["collection"][k] = coll[k]
         writer = Writer(new, level=level)
         dedup = DedupIndex()
@@ -483,13 +540,16 @@ def convert(old: str, new: str, progress: Progress = None, level: int = DEFAULT_
                 src.file_name = safe_file_name(e.get("file_name") or e.get("name"), fallback=f"entry_{i}")
                 src.name = entry_name(e.get("name")) or src.file_name[:-len(SUFFIX)]
                 rec = _write_entries(writer, header, [src], dedup, level, None, None)[0]
-                for k in ("original_bytes", "original_sha256", "error", "settings"):
-                    if e.get(k) is not None:
+                for k, kind in (("original_bytes", int), ("original_sha256", str), ("error", dict),
+                                ("settings", dict)):
+                    if isinstance(e.get(k), kind) and not isinstance(e.get(k), bool):
                         rec[k] = e[k]
                 lossless = bool(e.get("lossless")) and e.get("output_sha256") == e.get("original_sha256")
                 rec["lossless"] = lossless
                 if not lossless:
-                    rec["layers"] = list(e.get("layers") or ["lossy source"]) + rec["layers"]
+                    layers = [x for x in e.get("layers") if isinstance(x, str)] \
+                        if isinstance(e.get("layers"), list) else []
+                    rec["layers"] = (layers or ["lossy source"]) + rec["layers"]
                     rec["layers"] = list(dict.fromkeys(rec["layers"]))
                 if c.legacy:
                     rec["source_note"] = "lossy source: converted from a LoRA Lens app v1.0 .loradb"

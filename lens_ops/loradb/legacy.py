@@ -26,6 +26,8 @@ import torch
 from ..errors import LensError
 from ..kinds import split_key
 from ..st_io import load_file, read_header, save_file
+from .container import clean_text
+from .db import entry_name
 
 LORA_RX = re.compile(r"^lora(\d+)_(diff_|full_|u_|s_|v_|new_u_|new_s_|new_v_)(.+)$", re.S)
 MAX_KEY_ELEMS = 1 << 28
@@ -56,6 +58,7 @@ class LegacyCollection:
             base_index = int(meta.get("base_index", "0"))
         except (ValueError, RecursionError):
             raise LensError(f"{self.name}: its lora_names/base_index metadata is malformed.") from None
+        names = clean_text(names)
         if (not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names)
                 or not 0 <= base_index < len(names)):
             raise LensError(f"{self.name}: its lora_names/base_index metadata is malformed.")
@@ -69,9 +72,17 @@ class LegacyCollection:
                 i = int(m.group(1))
                 self.records.setdefault(i, {}).setdefault(m.group(3), {})[m.group(2)] = k
         entries = []
+        taken = set()
         for i, n in enumerate(names):
             shapes = self.base if i == base_index else {}
-            entries.append({"name": os.path.splitext(os.path.basename(n))[0] or f"entry_{i}", "file_name": n,
+            # the app stored names as the user gave them: folders (either separator) and clashes happen
+            name = base = entry_name(os.path.splitext(re.split(r"[\\/]", n)[-1])[0]) or f"entry_{i}"
+            k = 2
+            while name in taken:
+                name = f"{base} ({k})"
+                k += 1
+            taken.add(name)
+            entries.append({"name": name, "file_name": n,
                             "index": i, "original_bytes": None, "lossless": False, "exact_tensors": i == base_index,
                             "layers": ["app v1.0 " + ("base" if i == base_index else "delta") + " (lossy source)"],
                             "architecture": None, "rank": None, "dtype": None, "metadata": {},

@@ -213,7 +213,8 @@ def prepare_coded(srcs, writer, recipe=None, int8=False, shared_basis="off", snr
                     f"The recipe {recipe!r} alone leaves {srcs[i].file_name} at {got:.1f} dB ΔW SNR, under the "
                     f"{snr_db:g} dB budget of the lossy layers; choose a gentler recipe (energy=0.9999 keeps "
                     f"about 40 dB) or a lower budget (--snr / snr_db {math.floor(got - 1):g} or less).")
-        # candidate groups: same module name, same shapes, in ≥ 2 LoRAs
+        # candidate groups: same module name, same shapes, in ≥ 2 LoRAs (the largest set of one shape; the
+        # dtype does not matter: the basis is coded once and each entry is rebuilt in its own dtype)
         by_name: dict[str, list[int]] = {}
         for i in range(N):
             for name in mods[i]:
@@ -221,12 +222,13 @@ def prepare_coded(srcs, writer, recipe=None, int8=False, shared_basis="off", snr
         cand = {}
         if shared_basis != "off":
             for name, idx in by_name.items():
-                if len(idx) < 2:
-                    continue
-                shp = {(tuple(mods[i][name].tensors["up"].shape[:1]), tuple(mods[i][name].tensors["down"].shape[1:]),
-                        mods[i][name].tensors["up"].dtype) for i in idx}
-                if len(shp) == 1:
-                    cand[name] = idx
+                by_shape: dict[tuple, list[int]] = {}
+                for i in idx:
+                    t = mods[i][name].tensors
+                    by_shape.setdefault((tuple(t["up"].shape[:1]), tuple(t["down"].shape[1:])), []).append(i)
+                largest = max(by_shape.values(), key=len) if by_shape else []
+                if len(largest) >= 2:
+                    cand[name] = largest
         coded_names = [set(mods[i]) if int8 else {n for n in mods[i] if n in cand} for i in range(N)]
         svd = []
         for i in range(N):   # exact SVDs, factors parked on disk (a collection's factors need not fit in RAM)
@@ -270,67 +272,73 @@ def prepare_coded(srcs, writer, recipe=None, int8=False, shared_basis="off", snr
             report(0.6 + 0.4 * i / N)
             if not coded_names[i] and not recipe:
                 continue   # nothing lossy happened to this entry: it is stored losslessly
-            coder = qcoef.LoraCoder(i, max(budget[i], 0.0))
-            items = {}
-            for n in coded_names[i]:
-                md = svd[i][n]
-                if n in groups and i in groups[n].members:
-                    g = groups[n]
-                    k = g.members.index(i)
-                    res = g.residuals[k]
-                    u, s_, vh = res.u32, res.s.numpy(), res.vh32
-                    items[n] = (md, u, s_, vh, g, gnames.index(n), g.cores[k])
-                    coder.add(n, md.n, md.m, u, s_, vh, g, g.cores[k])
-                else:
-                    u, s_, vh = md.u32, md.s.numpy(), md.vh32
-                    items[n] = (md, u, s_, vh, None, None, None)
-                    coder.add(n, md.n, md.m, u, s_, vh)
-            coder.prepare()
-            delta = coder.solve_delta() if items else 1.0
-            best, lo_fail = None, None
-            for attempt in range(8):
-                path = os.path.join(out.tmpdir, f"{i}_{attempt}.safetensors")
-                new_mods, dropped, parts_of = {}, set(), {}
-                for n, (md, u, s_, vh, g, gi, core) in items.items():
-                    res = qcoef.module_parts(md.n, md.m, u, s_, vh, delta, g, gi, core)
-                    if res is None:
-                        continue   # codes would overflow: the module stays as it was (exact)
-                    R, up_parts, down_parts = res
-                    if R == 0:
-                        dropped.add(n)
-                        continue
-                    base = md.module
-                    dt = base.tensors["up"].dtype
-                    up = qcoef.build_local(md.n, R, 1, up_parts, shared_codes, dt)
-                    down = qcoef.build_local(R, md.m, 0, down_parts, shared_codes, dt)
-                    tens = {"up": up.reshape(md.n, R, *base.tensors["up"].shape[2:]),
-                            "down": down.reshape(R, *base.tensors["down"].shape[1:])}
-                    if "alpha" in base.tensors:
-                        tens["alpha"] = torch.tensor(float(R), dtype=base.tensors["alpha"].dtype)
-                    new_mods[n] = base.with_tensors(tens)
-                    parts_of[n] = (up_parts, down_parts)
-                final = model.replace_modules(new_mods)
-                if dropped:
-                    final = LoRAModel([m for m in final.modules if m.name not in dropped], final.metadata,
-                                      final.source)
-                meta = final.with_provenance("loradb_pack", {**settings, "source": src.file_name})
-                save_file(final.state_dict(), path, meta)
-                err = error_of(orig, LoRAModel.load(path), device)
-                # unrounded (the stored snr_db is rounded to 3 decimals)
-                snr = math.inf if err["rel_error"] <= 0 else -20 * math.log10(err["rel_error"])
-                # the error grows about as Δ²: aim at the budget from both sides, keep the best passing build
-                ratio = 10 ** ((snr - snr_db - 0.01) / 20)
-                if snr >= snr_db:
-                    if best is None or delta > best[0]:
-                        best = (delta, path, err, new_mods, dropped, parts_of)
-                    if snr - snr_db < 0.04 or not math.isfinite(snr):
-                        break
-                    nxt = delta * min(ratio, 2.0)
-                    delta = nxt if lo_fail is None or nxt < lo_fail else math.sqrt(delta * lo_fail)
-                else:
-                    lo_fail = delta if lo_fail is None else min(lo_fail, delta)
-                    nxt = delta * max(ratio, 0.5)
-                    delta = nxt if best is None or nxt > best[0] else math.sqrt(delta * best[0])
+            # the shared basis is quantised once for the whole group, so its own rounding can leave a member
+            # just under the budget whatever its step (an error floor): that member is then coded on its own
+            # directions instead (second pass), like a module outside any group
+            for use_groups in (True, False):
+                coder = qcoef.LoraCoder(i, max(budget[i], 0.0))
+                items = {}
+                for n in coded_names[i]:
+                    md = svd[i][n]
+                    if use_groups and n in groups and i in groups[n].members:
+                        g = groups[n]
+                        k = g.members.index(i)
+                        res = g.residuals[k]
+                        u, s_, vh = res.u32, res.s.numpy(), res.vh32
+                        items[n] = (md, u, s_, vh, g, gnames.index(n), g.cores[k])
+                        coder.add(n, md.n, md.m, u, s_, vh, g, g.cores[k])
+                    else:
+                        u, s_, vh = md.u32, md.s.numpy(), md.vh32
+                        items[n] = (md, u, s_, vh, None, None, None)
+                        coder.add(n, md.n, md.m, u, s_, vh)
+                coder.prepare()
+                delta = coder.solve_delta() if items else 1.0
+                best, lo_fail = None, None
+                for attempt in range(8):
+                    path = os.path.join(out.tmpdir, f"{i}_{attempt}.safetensors")
+                    new_mods, dropped, parts_of = {}, set(), {}
+                    for n, (md, u, s_, vh, g, gi, core) in items.items():
+                        res = qcoef.module_parts(md.n, md.m, u, s_, vh, delta, g, gi, core)
+                        if res is None:
+                            continue   # codes would overflow: the module stays as it was (exact)
+                        R, up_parts, down_parts = res
+                        if R == 0:
+                            dropped.add(n)
+                            continue
+                        base = md.module
+                        dt = base.tensors["up"].dtype
+                        up = qcoef.build_local(md.n, R, 1, up_parts, shared_codes, dt)
+                        down = qcoef.build_local(R, md.m, 0, down_parts, shared_codes, dt)
+                        tens = {"up": up.reshape(md.n, R, *base.tensors["up"].shape[2:]),
+                                "down": down.reshape(R, *base.tensors["down"].shape[1:])}
+                        if "alpha" in base.tensors:
+                            tens["alpha"] = torch.tensor(float(R), dtype=base.tensors["alpha"].dtype)
+                        new_mods[n] = base.with_tensors(tens)
+                        parts_of[n] = (up_parts, down_parts)
+                    final = model.replace_modules(new_mods)
+                    if dropped:
+                        final = LoRAModel([m for m in final.modules if m.name not in dropped], final.metadata,
+                                          final.source)
+                    meta = final.with_provenance("loradb_pack", {**settings, "source": src.file_name})
+                    save_file(final.state_dict(), path, meta)
+                    err = error_of(orig, LoRAModel.load(path), device)
+                    # unrounded (the stored snr_db is rounded to 3 decimals)
+                    snr = math.inf if err["rel_error"] <= 0 else -20 * math.log10(err["rel_error"])
+                    # the error grows about as Δ²: aim at the budget from both sides, keep the best passing build
+                    ratio = 10 ** ((snr - snr_db - 0.01) / 20)
+                    if snr >= snr_db:
+                        if best is None or delta > best[0]:
+                            best = (delta, path, err, new_mods, dropped, parts_of)
+                        if snr - snr_db < 0.04 or not math.isfinite(snr):
+                            break
+                        nxt = delta * min(ratio, 2.0)
+                        delta = nxt if lo_fail is None or nxt < lo_fail else math.sqrt(delta * lo_fail)
+                    else:
+                        lo_fail = delta if lo_fail is None else min(lo_fail, delta)
+                        nxt = delta * max(ratio, 0.5)
+                        delta = nxt if best is None or nxt > best[0] else math.sqrt(delta * best[0])
+                if best is not None or not any(n in groups and i in groups[n].members for n in coded_names[i]):
+                    break
             if best is None:
                 raise LensError(f"Could not code {src.file_name} within the {snr_db} dB budget; "
                                 "pack it without lossy options.")
@@ -344,10 +352,10 @@ def prepare_coded(srcs, writer, recipe=None, int8=False, shared_basis="off", snr
             w0 = writer.written
             cs.flush(writer, level)
             own_bytes = writer.written - w0
-            used_shared = any(n in groups and i in groups[n].members for n in parts_of)
+            used_shared = use_groups and any(n in groups and i in groups[n].members for n in parts_of)
             layers = (["prune"] if recipe else []) + (["quantized"] if parts_of or dropped else []) + \
                 (["shared-basis"] if used_shared else [])
-            n_shared = sum(1 for n in parts_of if n in groups)
+            n_shared = sum(1 for n in parts_of if n in groups) if use_groups else 0
             del coder, items, best, new_mods, parts_of
             orig.release()
             model.release()

@@ -41,5 +41,6 @@ DEFAULT_LEVEL = 3                       # zstd level per plane (measured best: s
 
 ST_DTYPES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2,
              "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
-WINDOWS_RESERVED = {"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range(1, 10)),
-                    *(f"LPT{i}" for i in range(1, 10))}
+WINDOWS_RESERVED = {"CON", "PRN", "AUX", "NUL", "CONIN$", "CONOUT$",
+                    *(f"{d}{i}" for d in ("COM", "LPT") for i in (*range(1, 10), "\u00b9", "\u00b2", "\u00b3"))}
+MAX_NAME_BYTES = 230                    # UTF-8 bytes of a file name's stem: with " (NN)" and .safetensors < 255
