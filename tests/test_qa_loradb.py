@@ -379,3 +379,22 @@ def test_shared_basis_groups_loras_of_different_dtypes(tmp_path):
             m = c.extract_model(e)
             assert {t.dtype for mm in m.modules for r, t in mm.tensors.items() if r != "alpha"} == {dt}
             assert e["error"]["snr_db"] >= 35.0
+
+
+def test_empty_collection_and_unchanged_lossy_entries_read_sensibly(three, tmp_path, capsys):
+    data, files = three
+    db = tmp_path / "t.loradb"
+    db.write_bytes(data)
+    code, out, err = _run(capsys, "pack", "-o", str(db), "--remove", "l0", "l1", "l2")
+    assert code == 0 and "0 entries," in out and "smaller" not in out, out
+    code, out, err = _run(capsys, "list", str(db))
+    assert code == 0 and out.strip().splitlines()[-1].startswith("name"), out
+    code, out, err = _run(capsys, "extract", str(db), "-o", str(tmp_path / "o"))
+    assert code == 0 and os.listdir(tmp_path / "o") == []
+    code, out, err = _run(capsys, "pack", "-o", str(db), "--append", files[0])
+    assert code == 0 and "1 entry:" in out, out
+
+    def edit(h):   # a lossy layer that changed nothing (e.g. a recipe keeping a LoKr as it was)
+        h["entries"][0].update(lossless=False, error={"snr_db": None, "rel_error": 0.0})
+    code, out, err = _run(capsys, "list", _hostile(three, tmp_path, edit))
+    assert "lossy (ΔW SNR ∞: unchanged)" in out, out

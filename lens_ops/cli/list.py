@@ -47,8 +47,10 @@ def format_listing(c) -> str:
     for e in c.entries:
         err = e.get("error") if isinstance(e.get("error"), dict) else {}
         snr = err.get("snr_db")
+        exact = snr is None and err.get("rel_error") == 0   # lossy layers that changed nothing (SNR ∞)
         kind = "lossless" if e.get("lossless") else "lossy" + (
-            f" (ΔW SNR {snr:.1f} dB)" if isinstance(snr, (int, float)) and not isinstance(snr, bool) else "")
+            f" (ΔW SNR {snr:.1f} dB)" if isinstance(snr, (int, float)) and not isinstance(snr, bool)
+            else " (ΔW SNR ∞: unchanged)" if exact else "")
         trig = words(e.get("trigger_words"))
         lines.append(f"{show(e.get('name'))[:32]:32s} {show(e.get('file_name'))[:36]:36s} "
                      f"{show(e.get('architecture'))[:8]:8s} {show(e.get('rank'))[:5]:>5s} {show(e.get('dtype'))[:6]:6s} "

@@ -46,8 +46,12 @@ def format_report(rep: dict) -> str:
         ratio = e["ratio"] if isinstance(e.get("ratio"), float) else 0.0
         lines.append(f"{show(e['name'])[:40]:40s} {mib(e['original_bytes']):9.2f}M "
                      f"{mib(e['stored_bytes']):9.2f}M {ratio:7.3f}  {note}")
-    lines.append(f"{len(rep['entries'])} entries: {rep['original_bytes'] / 2**20:.2f} MiB -> "
-                 f"{rep['loradb_bytes'] / 2**20:.2f} MiB ({rep['reduction_percent']:.1f} % smaller) in {rep['path']}")
+    n = len(rep["entries"])
+    if not rep["original_bytes"]:   # an empty collection (every entry removed): no ratio to speak of
+        lines.append(f"{n} entr{'y' if n == 1 else 'ies'}, {rep['loradb_bytes'] / 2**20:.2f} MiB in {rep['path']}")
+    else:
+        lines.append(f"{n} entr{'y' if n == 1 else 'ies'}: {rep['original_bytes'] / 2**20:.2f} MiB -> "
+                     f"{rep['loradb_bytes'] / 2**20:.2f} MiB ({rep['reduction_percent']:.1f} % smaller) in {rep['path']}")
     return "\n".join(lines)
 
 
