@@ -106,17 +106,25 @@ def detect(modules, metadata: dict | None = None) -> Architecture:
         return Architecture("sd1", "cross-attention reads 768-wide text embeddings")
     if "te2" in comps or any(n.startswith("input_blocks_7") or "transformer_blocks_9" in n for n in diff):
         return Architecture("sdxl", "second text encoder / SDXL block layout")
+    # what is left are weak guesses (UNet names without the cross-attention width, CLIP-L text-encoder
+    # modules, which SDXL and FLUX files have too): the trainer's metadata knows better
+    from_meta = _from_metadata(metadata)
+    if from_meta is not None:
+        return from_meta
     te_w = in_dim(r"text_model_encoder_layers_\d+_self_attn_q_proj$")
     if te_w == 1024:
         return Architecture("sd2", "1024-wide text encoder (OpenCLIP-H)")
     if unet or te_w == 768:
         return Architecture("sd1", "SD UNet names" + (" and 768-wide text encoder" if te_w == 768 else ""))
+    return Architecture("unknown", "no known module layout")
 
+
+def _from_metadata(metadata: dict) -> Architecture | None:
     meta = " ".join(str(metadata.get(k, "")) for k in ("ss_base_model_version", "modelspec.architecture")).lower()
     for token, aid in (("sdxl", "sdxl"), ("stable-diffusion-xl", "sdxl"), ("flux", "flux1"), ("sd3", "sd3"),
                        ("stable-diffusion-3", "sd3"), ("sd_v2", "sd2"), ("stable-diffusion-v2", "sd2"),
                        ("sd_v1", "sd1"), ("stable-diffusion-v1", "sd1"), ("qwen", "qwen_image"),
                        ("wan", "wan"), ("hunyuan", "hunyuan_video"), ("z-image", "z_image"), ("z_image", "z_image")):
         if token in meta:
-            return Architecture(aid, "training metadata only (names did not decide)")
-    return Architecture("unknown", "no known module layout")
+            return Architecture(aid, "training metadata (names alone did not decide)")
+    return None

@@ -86,6 +86,11 @@ class SaveLoRAFile:
         import folder_paths
         model = as_model(lora)
         out_root = output_dir()
+        try:
+            safe_join(out_root, filename_prefix)
+        except LensError:
+            raise LensError(f"filename_prefix {filename_prefix!r} points outside ComfyUI's output folder; "
+                            "use a name inside it (subfolders are fine).") from None
         folder, stem, counter, subfolder, _ = folder_paths.get_save_image_path(filename_prefix, out_root)
         safe_join(out_root, os.path.relpath(folder, out_root))
         name = f"{stem}_{counter:05}_.safetensors"

@@ -363,6 +363,8 @@ class PruneSession:
 
     def _finish(self, recipe: Recipe, state: dict, threshold):
         new_modules, entries = state["modules"], state["entries"]
+        if not new_modules and self.model.modules and self._sink is not None:
+            raise _removes_everything(recipe)  # a file with no tensors loads nowhere: write nothing
         out = LoRAModel(new_modules, self.model.metadata, self.model.source)
         if threshold is not None and not math.isfinite(threshold):
             threshold = None  # size= larger than the whole file: every direction stays
@@ -464,6 +466,12 @@ def prune_many(model: LoRAModel, recipes, device="cpu", progress=None, base=None
         sink = _output_sink(model, outputs[0]) if outputs is not None else None
         return [session.run_streamed(recipes[0], sink)]
     session = PruneSession(model, device, progress, base, any(r.lyco == "convert" for r in recipes), len(recipes))
+    if outputs is not None and len(recipes) > 1:
+        for r in recipes:  # a recipe that cannot be met (size=/budget= too small) fails before any file is written
+            elig, cand, _, _ = session._select(r, session.decs)
+            if len(elig) == len(model.modules) and not any(bool(c.any()) or elig[n].module.is_dora
+                                                          for n, c in cand.items()):
+                raise _removes_everything(r)
     results = []
     for i, r in enumerate(recipes):
         sink = None
@@ -471,6 +479,11 @@ def prune_many(model: LoRAModel, recipes, device="cpu", progress=None, base=None
             sink = _output_sink(model, outputs[i])
         results.append(session.run(r, release=(i == len(recipes) - 1), sink=sink))
     return results
+
+
+def _removes_everything(recipe: Recipe) -> LensError:
+    return LensError(f"Recipe {recipe.text!r} removes every module of this LoRA (its ΔW is all zero, or every "
+                     "dimension falls below the threshold): nothing is written; ask for a milder recipe.")
 
 
 def _output_sink(model: LoRAModel, path: str) -> StreamWriter:

@@ -168,10 +168,20 @@ def decompose(modules: list, device="cpu", progress: Callable[[int, int], None] 
     finally:
         results.close()
     for m in lyco:
-        d = m.delta(torch.float64, device)
-        mat = d.reshape(d.shape[0], -1)
-        u, s, vh = torch.linalg.svd(mat, full_matrices=False)
-        out[m.name] = Decomp(m, "dense", mat.shape[0], mat.shape[1], m.rank(), 1.0, s.cpu(),
+        pair = m.kind.factor_pair(m, torch.float64, device)
+        if pair is not None and pair[0].shape[1] < min(pair[0].shape[0], pair[1].shape[1]):
+            # LoKr's kron / LoHa's Hadamard product is exactly scale·B@A of inner size r1·r2: the shared factored
+            # SVD gives the same U, S, Vh as a dense SVD, without one of the (possibly wide) n×m ΔW
+            if not (bool(torch.isfinite(pair[0]).all()) and bool(torch.isfinite(pair[1]).all())):
+                _not_finite(m)
+            u, s, vh = factored_svd(pair[0], pair[1], m.scale())
+            n_rows, n_cols = pair[0].shape[0], pair[1].shape[1]
+        else:
+            d = m.delta(torch.float64, device)
+            mat = d.reshape(d.shape[0], -1)
+            u, s, vh = torch.linalg.svd(mat, full_matrices=False)
+            n_rows, n_cols = mat.shape
+        out[m.name] = Decomp(m, "dense", n_rows, n_cols, m.rank(), 1.0, s.cpu(),
                              U=u.float(), Vh=vh.float())
         done += 1
         if progress is not None:
