@@ -47,7 +47,8 @@ def test_every_kind_equals_dense_reference(kind, dtype, tol):
     assert abs(e["mean"] - d["mean"]) <= tol * d["std"]
     for key, p in (("90", .9), ("99", .99), ("999", .999)):
         assert e[f"effective_rank_{key}"] == effective_rank(d["s"], p)
-    assert e["route"] == ("factored" if kind in ("lora", "lora_noalpha", "locon3x3", "tucker", "dora") else "dense")
+    assert e["route"] == ("factored" if kind in ("lora", "lora_noalpha", "locon3x3", "tucker", "dora")
+                          else "kronecker" if kind.startswith("lokr") else "dense")
     if kind == "dora":
         assert "DoRA" in e["note"]
 

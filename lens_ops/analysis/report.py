@@ -139,7 +139,7 @@ def analyze(model: LoRAModel, device="cpu", progress: Callable[[int, int], None]
 
 
 DEFINITIONS = {
-    "singular_values": "exact singular values of ΔW = scale·up@down (factored route; LoHa/LoKr/diff: dense ΔW)",
+    "singular_values": "exact singular values of ΔW = scale·up@down (factored route; LoKr: σ(W1)⊗σ(W2); LoHa/diff: dense ΔW)",
     "effective_rank_p": "smallest k whose top-k singular values hold p of Σσ² (p = 90 %, 99 %, 99.9 %)",
     "stable_rank": "‖ΔW‖²_F / σ₁²",
     "mean/std": "of all ΔW elements, exact from factors",

@@ -28,20 +28,30 @@ SKETCH = 32
 
 
 def _factors(m, dtype, device):
+    """(B, A, scale) with the flattened ΔW = scale·B@A: the LoRA factors, the exact low-rank form of LoKr/LoHa
+    (`factor_pair`), or the dense ΔW with A = None standing for the identity (never materialised: for a conv
+    layer it would be in·kh·kw squared)."""
     lr = m.lowrank(dtype, device)
     if lr is not None:
         return lr[0], lr[1], lr[2]
+    fp = m.kind.factor_pair(m, dtype, device)
+    if fp is not None:
+        return fp[0], fp[1].reshape(fp[1].shape[0], -1), m.scale()
     d = m.delta(dtype, device)
     if d is None:
         return None
     mat = d.reshape(d.shape[0], -1) if d.ndim >= 2 else d.reshape(-1, 1)
-    return mat, torch.eye(mat.shape[1], dtype=dtype, device=device), 1.0
+    return mat, None, 1.0
 
 
 def _inner_size(m) -> int:
     r = m.rank()
     if m.kind.name == "lora" and r:
         return r
+    if m.kind.name in ("lokr", "loha"):
+        fp = m.kind.factor_pair(m, torch.float32, "meta")   # shapes only
+        if fp is not None:
+            return fp[0].shape[1]
     shape = m.weight_shape()
     return math.prod(shape[1:]) if len(shape) > 1 else 1
 
@@ -77,7 +87,7 @@ def similarity_groups(model: LoRAModel, entries: dict, device="cpu") -> list[dic
             method = "exact (from factors)"
             facs = [_factors(m, dtype, device) for m in mods]   # small by the budget
             bs = [f[0] * f[2] for f in facs]
-            as_ = [f[1] for f in facs]
+            as_ = [f[1] if f[1] is not None else torch.eye(f[0].shape[1], dtype=dtype, device=device) for f in facs]
             # pad every module to the same inner size (zero columns of B / rows of A add nothing)
             bcat = torch.cat([torch.nn.functional.pad(b, (0, kk - b.shape[1])) for b in bs], 1)
             acat = torch.cat([torch.nn.functional.pad(a, (0, 0, 0, kk - a.shape[0])) for a in as_], 0)
@@ -93,7 +103,7 @@ def similarity_groups(model: LoRAModel, entries: dict, device="cpu") -> list[dic
             ys = []
             for m in mods:  # one module's factors at a time: memory stays small
                 b, a, s = _factors(m, dtype, device)
-                ys.append(((om_l @ b) @ (a @ om_r)).reshape(-1).double() * s)
+                ys.append(((om_l @ b) @ (om_r if a is None else a @ om_r)).reshape(-1).double() * s)
             ys = torch.stack(ys)
             inner = ys @ ys.transpose(0, 1)   # E[⟨Ω_L X Ω_R, Ω_L Y Ω_R⟩] = ⟨X, Y⟩
         norms = inner.diagonal().clamp_min(0).sqrt()

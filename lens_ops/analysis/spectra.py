@@ -7,7 +7,8 @@ form of `lowrank.singular_values`, tested equal to it). Mean and standard deviat
 from the factors (Σ ΔW = s·(1ᵀB)(A1), ‖ΔW‖_F² = Σσ²). Order statistics (percentiles, sign fractions,
 extremes) need elements: they are computed on a fixed sample of ΔW elements, each element exact
 (s·B[i,:]·A[:,j]) at the crossings of 64 random rows and 64 random columns; modules with at most
-SAMPLE elements use all of them. LoHa/LoKr/diff/norm modules
+SAMPLE elements use all of them. LoKr modules never form ΔW either: their Kronecker structure gives the
+spectrum, sums, L1 and max exactly and any element directly (`_kron_module`). LoHa/diff/norm modules
 form their dense ΔW (they are rarely large) and use all elements up to DENSE_ALL elements.
 """
 from __future__ import annotations
@@ -170,7 +171,42 @@ def _factored_batch(mods: list[LoRAModule], entries: dict, dtype, device, gen):
                          "re-normalises the base weight with dora_scale")
 
 
+def _kron_module(m: LoRAModule, entry: dict, dtype, device, gen) -> bool:
+    """LoKr, ΔW = s·kron(W1, W2), without forming ΔW (a conv LoKr's ΔW can be 10⁷ elements, its factors 10³):
+    singular values σ(W1)⊗σ(W2), Σ ΔW = s·ΣW1·ΣW2, ‖ΔW‖₁ = |s|·‖W1‖₁‖W2‖₁ and max|ΔW| = |s|·max|W1|·max|W2|
+    exactly; order statistics from the same element grid as the factored route, each element exact
+    (ΔW[i, j] = s·W1[i // c, j // d]·W2[i % c, j % d]). False when the module has no such form."""
+    sides = m.kind.kron_sides(m, dtype, device) if hasattr(m.kind, "kron_sides") else None
+    if sides is None:
+        return False
+    w1, w2 = (w.double() for w in sides)
+    (a, b), (c, d) = w1.shape, w2.shape
+    xs = [t.to(device=device, dtype=dtype).flatten() for r, t in m.tensors.items()
+          if r != "alpha" and (t.is_floating_point() or t.dtype in (torch.int8, torch.uint8))]
+    fs = factor_numbers(xs)
+    entry["factors"] = fs
+    entry["route"] = "kronecker"
+    if fs["nan"] or fs["inf"]:
+        entry["note"] = "contains NaN/Inf: no spectrum"
+        return True
+    sc = float(m.scale())
+    sv = m.kind.singular_values(m, dtype, device)
+    n, cols = a * c, b * d
+    numel = n * cols
+    mean = sc * float(w1.sum()) * float(w2.sum()) / numel
+    std = math.sqrt(max(float(sv.double().pow(2).sum()) / numel - mean * mean, 0.0))
+    rows, cc, exact = _sample_grid(n, cols, gen, device)
+    x = sc * w1[rows // c][:, cc // d] * w2[rows % c][:, cc % d]
+    elems = element_numbers(x.reshape(-1), exact, numel, [std])[0]
+    elems["l1_norm"] = abs(sc) * float(w1.abs().sum()) * float(w2.abs().sum())
+    entry["linf_bound"] = abs(sc) * float(w1.abs().max()) * float(w2.abs().max())
+    _finish(entry, sv, mean, numel, elems)
+    return True
+
+
 def _dense_module(m: LoRAModule, entry: dict, dtype, device, gen):
+    if m.kind.name == "lokr" and _kron_module(m, entry, dtype, device, gen):
+        return
     d = m.delta(dtype, device)
     xs = [t.to(device=device, dtype=dtype).flatten() for r, t in m.tensors.items()
           if r != "alpha" and (t.is_floating_point() or t.dtype in (torch.int8, torch.uint8))]  # int8: quantized

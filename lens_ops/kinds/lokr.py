@@ -55,7 +55,7 @@ class LoKrKind(ModuleKind):
 
     def delta(self, m, dtype=torch.float32, device="cpu"):
         w1, w2 = self._sides(m, dtype, device)
-        return self.scale(m) * torch.kron(w1, w2)
+        return self.scale(m) * torch.kron(w1, w2.contiguous())   # a Tucker W2 comes out of einsum strided
 
     def factor_pair(self, m, dtype=torch.float32, device="cpu"):
         """kron(L1R1, L2R2) = kron(L1, L2) @ kron(R1, R2): each side as its two factors (a whole side as W·I or
@@ -76,14 +76,21 @@ class LoKrKind(ModuleKind):
         (l1, r1), (l2, r2) = sides
         return torch.kron(l1, l2), torch.kron(r1, r2)
 
-    def singular_values(self, m, dtype=torch.float32, device="cpu"):
-        """σ(kron(W1, W2)) = σ(W1)⊗σ(W2) (W2 flattened: ComfyUI's 4-D kron is kron(W1, W2 as [c, d·kh·kw])),
-        padded with zeros to min(rows, cols) of ΔW, as a dense SVD would give."""
+    def kron_sides(self, m, dtype=torch.float32, device="cpu"):
+        """(W1, W2) as 2-D matrices with the flattened ΔW = scale·kron(W1, W2) (ComfyUI's 4-D kron is
+        kron(W1, W2 as [c, d·kh·kw]) when W1 has no spatial size), or None when W1 has one."""
         w1, w2 = self._sides(m, dtype, device)
         if w1.ndim > 2 and w1.shape[2:].numel() != 1:
             return None
-        w1 = w1.reshape(w1.shape[0], -1)
-        w2 = w2.reshape(w2.shape[0], -1)
+        return w1.reshape(w1.shape[0], -1), w2.reshape(w2.shape[0], -1)
+
+    def singular_values(self, m, dtype=torch.float32, device="cpu"):
+        """σ(kron(W1, W2)) = σ(W1)⊗σ(W2) (W2 flattened: ComfyUI's 4-D kron is kron(W1, W2 as [c, d·kh·kw])),
+        padded with zeros to min(rows, cols) of ΔW, as a dense SVD would give."""
+        sides = self.kron_sides(m, dtype, device)
+        if sides is None:
+            return None
+        w1, w2 = sides
         s = (svdvals_tall(w1)[:, None] * svdvals_tall(w2)[None, :]).flatten() * abs(self.scale(m))
         s = s.sort(descending=True).values
         k = min(w1.shape[0] * w2.shape[0], w1.shape[1] * w2.shape[1])
