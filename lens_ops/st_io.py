@@ -19,6 +19,7 @@ import torch
 from safetensors import safe_open
 
 from .errors import LensError
+from .file_mode import new_file_mode
 from .st_header import read_header  # noqa: F401  (re-exported: callers read headers through st_io)
 
 
@@ -137,13 +138,23 @@ def save_file(tensors: dict[str, torch.Tensor], path: str, metadata: dict | None
                 f.write(t.detach().reshape(-1).contiguous().cpu().view(torch.uint8).numpy().data)
 
 
+def _temp_file(folder: str) -> tuple[int, str]:
+    """mkstemp next to the target, with the permissions a new file of the user's gets."""
+    fd, tmp = tempfile.mkstemp(prefix=".lens-", suffix=".tmp", dir=folder)
+    try:
+        os.fchmod(fd, new_file_mode())
+    except (AttributeError, OSError):   # no fchmod (Windows): the file keeps mkstemp's mode
+        pass
+    return fd, tmp
+
+
 def atomic_save(tensors: dict[str, torch.Tensor], path: str, metadata: dict | None = None,
                 forbid: tuple[str, ...] = ()) -> str:
     """Write a safetensors file via temp file + rename; refuse to overwrite any path in `forbid`."""
     target = _writable_target(path, forbid)
     folder = os.path.dirname(target) or "."
     meta = {str(k): str(v) for k, v in (metadata or {}).items()}
-    fd, tmp = tempfile.mkstemp(prefix=".lens-", suffix=".tmp", dir=folder)
+    fd, tmp = _temp_file(folder)
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata=meta or None)
@@ -195,7 +206,7 @@ class StreamWriter:
     def __init__(self, path: str, forbid: tuple[str, ...] = (), header_reserve: int = 0):
         self.target = _writable_target(path, forbid)
         folder = os.path.dirname(self.target) or "."
-        fd, self._tmp = tempfile.mkstemp(prefix=".lens-", suffix=".tmp", dir=folder)
+        fd, self._tmp = _temp_file(folder)
         self._f = os.fdopen(fd, "wb")
         self._reserve = max(0, int(header_reserve)) + (-max(0, int(header_reserve)) % 8)
         self._f.write(b"\0" * (8 + self._reserve))
@@ -240,7 +251,7 @@ class StreamWriter:
     def _relocate(self, raw: bytes) -> None:
         raw += b" " * (-len(raw) % 8)
         folder = os.path.dirname(self.target) or "."
-        fd, final = tempfile.mkstemp(prefix=".lens-", suffix=".tmp", dir=folder)
+        fd, final = _temp_file(folder)
         try:
             with os.fdopen(fd, "wb", buffering=0) as out, open(self._tmp, "rb", buffering=0) as src:
                 out.write(len(raw).to_bytes(8, "little") + raw)

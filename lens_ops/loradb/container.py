@@ -18,6 +18,7 @@ import threading
 import zstandard
 
 from ..errors import LensError
+from ..file_mode import new_file_mode  # noqa: F401  (db.py imports it from here)
 from .spec import (CHUNK_BYTES, CODEC_RAW, CODEC_ZSTD, DATA_START, FORMAT_MAJOR, FORMAT_MINOR, HEADER_CODECS,
                    MAGIC, MAX_CHUNK_BYTES, MAX_HEADER_BYTES, SLOT_OFFSETS, SLOT_SIZE)
 
@@ -79,20 +80,6 @@ def clean_text(obj):
     if isinstance(obj, list):
         return [clean_text(v) for v in obj]
     return obj
-
-
-def new_file_mode() -> int:
-    """The permissions a plain open() would give a new file (0666 minus the umask): files made through
-    mkstemp (0600) are set to this before they are renamed into place. The umask is read from /proc, not
-    set and reset, which would race with other threads (ComfyUI's server)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return 0o666 & ~int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    return 0o644
 
 
 def make_folder(folder: str) -> None:
