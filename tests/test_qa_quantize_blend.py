@@ -114,3 +114,84 @@ def test_blend_output_name_must_be_safetensors(src, tmp_path, capsys):
     assert main(["blend", src, other, "-o", str(tmp_path / "out.txt")]) == 2
     assert ".safetensors" in capsys.readouterr().err
     assert _files(tmp_path) == listing
+
+
+
+def _mismatched_pair(tmp_path):
+    """One layer name, two different weight shapes (a 24×16 linear vs an 8×6×3×3 conv), architecture not
+    telling them apart: the blend must refuse like ConflictScan does, not crash inside the maths."""
+    g = torch.Generator().manual_seed(0)
+    name = "lora_unet_down_blocks_0_attentions_0_proj_in"
+    other = "lora_unet_mid_block_attentions_0_proj_out"
+    a = {name + ".lora_up.weight": torch.randn(24, 4, generator=g), name + ".lora_down.weight": torch.randn(4, 16, generator=g),
+         other + ".lora_up.weight": torch.randn(24, 4, generator=g), other + ".lora_down.weight": torch.randn(4, 16, generator=g)}
+    b = {name + ".lora_up.weight": torch.randn(8, 4, 1, 1, generator=g),
+         name + ".lora_down.weight": torch.randn(4, 6, 3, 3, generator=g),
+         other + ".lora_up.weight": torch.randn(24, 4, generator=g), other + ".lora_down.weight": torch.randn(4, 16, generator=g)}
+    pa, pb = str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors")
+    save_file({k: 0.01 * v for k, v in a.items()}, pa)
+    save_file({k: 0.01 * v for k, v in b.items()}, pb)
+    return pa, pb
+
+
+@pytest.mark.parametrize("method", ["concat", "svd", "ties"])
+def test_blend_refuses_modules_of_different_shapes(method, tmp_path, capsys):
+    pa, pb = _mismatched_pair(tmp_path)
+    listing = _files(tmp_path)
+    rc = main(["blend", pa, pb, "--method", method, "-o", str(tmp_path / "out.safetensors")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "unexpected error" not in err, err
+    assert "different base models" in err and "proj_in" in err
+    assert _files(tmp_path) == listing
+    with pytest.raises(LensError, match="different base models"):
+        blend([LoRAModel.load(pa), LoRAModel.load(pb)], [1.0, 1.0], method)
+
+
+def test_exact_metrics_on_a_big_module_equal_float64():
+    """--metrics exact on a module above the float64 dense budget (FLUX-sized layers): ΔW SNR / MSE / relative
+    error must still equal a float64 reference (the float32 dot product over millions of entries drifted by
+    ~0.1 %); MAE / max error come from the dense pass."""
+    from lens_ops.synth import spectrum_factors
+    g = torch.Generator().manual_seed(7)
+    up, down = spectrum_factors(4608, 1024, 8, g, eff_rank=3.0, decay=0.5, magnitude=0.01)
+    name = "lora_unet_single_blocks_0_linear1"
+    sd = {name + ".lora_up.weight": up.half(), name + ".lora_down.weight": down.half(), name + ".alpha": torch.tensor(4.0)}
+    src = LoRAModel.from_state_dict(sd)
+    q, rep = quantize_model(src, metrics="exact")
+    ref = src.modules[0].delta(torch.float64)
+    got = q.modules[0].delta(torch.float64)
+    e = got - ref
+    d = rep["per_module"][0]["delta"]
+    assert d["metrics"] == "exact"
+    assert d["mse"] == pytest.approx(float((e ** 2).mean()), rel=1e-6)
+    assert d["rel_frobenius"] == pytest.approx(float(e.norm() / ref.norm()), rel=1e-6)
+    assert d["mae"] == pytest.approx(float(e.abs().mean()), rel=1e-5)
+    assert d["max_error"] == pytest.approx(float(e.abs().max()), rel=1e-5)
+
+
+def test_ultra_names_a_nan_alpha_and_an_all_zero_file(tmp_path, capsys):
+    pa, _ = _nan_alpha(tmp_path)
+    listing = _files(tmp_path)
+    assert main(["ultra", pa, "-o", str(tmp_path / "u.safetensors"), "--recipe", "rank=2"]) == 2
+    assert "in alpha" in capsys.readouterr().err
+    sd = make_lora("sd15_kohya", rank=4, seed=3, max_modules=3)
+    zeros = {k: (v if k.endswith(".alpha") else torch.zeros_like(v)) for k, v in sd.items()}
+    pz = str(tmp_path / "zeros.safetensors")
+    save_file(zeros, pz)
+    listing = _files(tmp_path)
+    assert main(["ultra", pz, "-o", str(tmp_path / "u.safetensors"), "--recipe", "rank=2"]) == 2
+    err = capsys.readouterr().err
+    assert "left no LoRA module" in err and "applied without alpha" not in err
+    assert _files(tmp_path) == listing
+
+
+@pytest.mark.parametrize("method", ["ties", "dare"])
+def test_ties_dare_report_is_not_labelled_exact(method):
+    from lens_ops.cli.blend import format_blend
+    a = LoRAModel.from_state_dict(dict(make_lora("sd15_kohya", rank=4, seed=1, max_modules=2)))
+    b = LoRAModel.from_state_dict(dict(make_lora("sd15_kohya", rank=4, seed=2, max_modules=2)))
+    _, rep = blend([a, b], [0.7, 0.3], method, 0)
+    text = format_blend(rep)
+    assert rep["relative_error"]["max"] > 0.01
+    assert "(exact)" not in text and "Truncation error" not in text
+    assert "by design" in text

@@ -153,6 +153,7 @@ def blend(loras: list, weights: list[float], method: str = "concat", rank: int =
                     stats["kept_first_excluded"] += 1
                 _tick(progress, step, total)
                 continue
+            _require_same_shape(present, labels)
             contrib = [(i, mod, weights[i] * mult) for i, mod in present if weights[i] * mult != 0.0]
             if not contrib:
                 stats["zero_weight"] += 1
@@ -231,6 +232,29 @@ def blend(loras: list, weights: list[float], method: str = "concat", rank: int =
 def _tick(progress, step, total):
     if progress is not None:
         progress(step + 1, total)
+
+
+def _require_same_shape(present, labels) -> None:
+    """Members of one layer must change weights of one shape (as matrices: ComfyUI reshapes ΔW to the weight),
+    else the LoRAs were made for different base models (as ConflictScan says) and no blend is meaningful."""
+    known = [(i, mod, _matrix_shape(mod)) for i, mod in present if not isinstance(mod, (RowSlice, RowStack))]
+    known = [(i, mod, s) for i, mod, s in known if s is not None]
+    for i, mod, s in known[1:]:
+        j, ref, s0 = known[0]
+        if s != s0:
+            raise LensError(f"Module {ref.name} changes a {tuple(ref.weight_shape())} weight in {labels[j]} but "
+                            f"{mod.name} changes a {tuple(mod.weight_shape())} weight in {labels[i]}: the LoRAs were "
+                            "trained for different base models.")
+
+
+def _matrix_shape(mod):
+    try:
+        shape = mod.weight_shape()
+    except Exception:
+        return None
+    if not shape:
+        return None
+    return (int(shape[0]), math.prod(int(d) for d in shape[1:]))
 
 
 def _require_finite(mod, tensors) -> None:

@@ -97,13 +97,17 @@ def run(args) -> int:
 def format_blend(r: dict) -> str:
     ins = ", ".join(f"{i['file']} × {i['weight']:g}" for i in r["inputs"])
     st = r["modules"]
-    lines = [f"Blended {ins} with {r['method']}" + (f" (rank {r['target_rank']})" if r["target_rank"] else " (exact)"),
+    lossy = r["method"] in ("ties", "dare")  # they change ΔW by design: not "exact" even at full rank
+    size = f" (rank {r['target_rank']})" if r["target_rank"] else (" (full rank)" if lossy else " (exact)")
+    what = "Difference from w1·ΔW1 + w2·ΔW2 (by design for TIES/DARE)" if lossy else \
+        "Truncation error (relative to w1·ΔW1 + w2·ΔW2)"
+    lines = [f"Blended {ins} with {r['method']}" + size,
              f"Modules: {st['blended']} blended, {st['carried']} carried from one LoRA, {st['excluded']} excluded"
              + (f", {st['zero_weight']} at weight 0" if st["zero_weight"] else ""),
              f"Output: {r['output']['modules']} modules, {r['output']['format']}, {r['output']['dtype']}, ranks "
              f"{', '.join(map(str, r['output']['ranks'][:6]))}{'…' if len(r['output']['ranks']) > 6 else ''}, "
              f"{r['output']['tensor_bytes'] / 2**20:.1f} MiB",
-             f"Truncation error (relative to w1·ΔW1 + w2·ΔW2): max {r['relative_error']['max']:.2e}, "
+             f"{what}: max {r['relative_error']['max']:.2e}, "
              f"mean {r['relative_error']['mean']:.2e}"]
     if r["output"].get("file"):
         lines.append(f"Wrote {r['output']['file']}")

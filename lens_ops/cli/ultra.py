@@ -7,7 +7,8 @@ import os
 from ..errors import LensError
 from ..model import LoRAModel
 from ..progress import Bar
-from ..quantize import dequantize_model
+from ..quantize import _check_finite, dequantize_model
+from ..quantize.fold import FOLDABLE
 from ..quantize.codec import is_quantized
 from .quantize import _check_paths, add_quant_options, quantize_and_print, set_threads
 
@@ -44,6 +45,7 @@ def run(args) -> int:
     if ":" in args.recipe:
         raise LensError("ultra takes one recipe (no ':'); run `lora-lens prune` for several outputs.")
     model = LoRAModel.load(args.input)
+    _check_finite(model)  # before pruning: a NaN alpha would otherwise surface later as NaN factors
     if any(is_quantized(t) for m in model.modules for t in m.tensors.values()):
         model, _ = dequantize_model(model, "fp32")  # exact float factors for the pruner; re-quantized below
         model.source = os.path.abspath(args.input)
@@ -59,6 +61,9 @@ def run(args) -> int:
         except Exception:  # report text is a courtesy; the numbers are in --json / --report
             text = f"Pruned by recipe {args.recipe}."
         print(text)
+    if not any(m.kind.name in FOLDABLE for m in pruned.modules):
+        raise LensError(f"Pruning {os.path.basename(args.input)} by recipe {args.recipe} left no LoRA module to "
+                        "quantize (every module's ΔW is zero or was removed); nothing is written.")
     pruned.source = model.source
     full = quantize_and_print(pruned, args, extra_report={"recipe": args.recipe, "prune": prune_report})
     q = full["quantize"]
