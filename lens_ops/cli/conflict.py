@@ -4,12 +4,15 @@ prediction and the problem modules to exclude when blending."""
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 
 import torch
 
 from ..conflict import format_report, json_safe, problem_list, render, scan
 from ..conflict.scan import PROBLEM_THRESHOLD
 from ..errors import LensError
+from ..file_mode import new_file_mode
 from ..model import LoRAModel
 from ..progress import Bar
 
@@ -31,22 +34,59 @@ def add_arguments(p):
     p.add_argument("--float64", action="store_true", help="compute the Gram products in float64 (slower)")
 
 
+def _side_outputs(args) -> None:
+    """--problems / --map are checked before any work: never one of the inputs, never each other, in a folder
+    that exists."""
+    outs = [p for p in (args.problems, args.map) if p]
+    if len(outs) == 2 and os.path.abspath(outs[0]) == os.path.abspath(outs[1]):
+        raise LensError("--problems and --map name the same file; give each its own.")
+    for p in outs:
+        for src in (args.a, args.b):
+            if os.path.abspath(p) == os.path.abspath(src) or (
+                    os.path.exists(p) and os.path.exists(src) and os.path.samefile(p, src)):
+                raise LensError(f"Refusing to overwrite the input file {src} with the report; choose another name.")
+        folder = os.path.dirname(os.path.abspath(p))
+        if not os.path.isdir(folder):
+            raise LensError(f"The folder of {p} does not exist.")
+
+
+def _write_atomic(path: str, write) -> None:
+    """write(temp_path), then rename into place; nothing is left behind on an error."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".lens-", suffix=os.path.splitext(path)[1] or ".tmp", dir=folder)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.chmod(tmp, new_file_mode())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
 def run(args) -> int:
+    _side_outputs(args)
     a = LoRAModel.load(args.a)
     b = LoRAModel.load(args.b)
     bar = Bar("scanning") if not args.json else None
     report = scan(a, b, device=args.device, dtype=torch.float64 if args.float64 else torch.float32,
                   progress=bar, problem_threshold=args.problem_threshold)
     if args.problems:
-        with open(args.problems, "w") as f:
-            f.write(problem_list(report) + "\n")
+        text = problem_list(report) + "\n"
+
+        def write_text(tmp):
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.write(text)
+        _write_atomic(args.problems, write_text)
     if args.map:
         try:
             from PIL import Image
         except ImportError:
             raise LensError("Writing the conflict map needs Pillow (pip install pillow).") from None
         import numpy as np
-        Image.fromarray((render(report) * 255).astype(np.uint8)).save(args.map)
+        img = Image.fromarray((render(report) * 255).astype(np.uint8))
+        _write_atomic(args.map, lambda tmp: img.save(tmp, format="PNG"))
     if args.json:
         print(json.dumps(json_safe(report), indent=1))
     else:

@@ -218,15 +218,22 @@ def dense_metrics(d1: torch.Tensor, d2: torch.Tensor) -> dict:
 
 
 def module_metrics(ma, mb, device="cpu", dtype=torch.float32) -> dict | None:
-    """Metrics for one pair of modules, or None when either has no stand-alone ΔW (OFT, GLoRA, set_weight)."""
+    """Metrics for one pair of modules, or None when either has no stand-alone ΔW (OFT, GLoRA, set_weight).
+    Raises NonFinite (side 0 = ma, 1 = mb, index 0) when either has NaN/Inf."""
     fa, fb = ma.lowrank(torch.float64 if dtype == torch.float64 else torch.float32, device), None
     if fa is not None:
         fb = mb.lowrank(fa[0].dtype, device)
     if fa is not None and fb is not None:
+        for side, (b, a, sc) in enumerate((fa, fb)):
+            if not (math.isfinite(float(sc)) and bool(torch.isfinite(b).all()) and bool(torch.isfinite(a).all())):
+                raise NonFinite(side, 0)
         return lowrank_metrics(fa, fb, dtype)
     da, db = ma.delta(torch.float64, device), mb.delta(torch.float64, device)
     if da is None or db is None:
         return None
+    for side, d in enumerate((da, db)):
+        if not bool(torch.isfinite(d).all()):
+            raise NonFinite(side, 0)
     return dense_metrics(da, db)
 
 
@@ -270,8 +277,29 @@ def lowrank_metrics_batch(b1, a1, b2, a2, s1, s2) -> list[dict]:
     n, m = b1.shape[1], a1.shape[2]
     gb11, gb12, gb22 = gram(b1).double(), (b1.mT @ b2).double(), gram(b2).double()
     ga11, ga12, ga22 = gram(a1.mT).double(), (a1 @ a2.mT).double(), gram(a2.mT).double()
+    _check_finite([gb11, ga11], s1, 0)
+    _check_finite([gb22, ga22], s2, 1)
     with small_maths(gb11.device):          # r×r LAPACK work: one thread (see small_maths)
         return _batch_from_grams(gb11, gb12, gb22, ga11, ga12, ga22, s1, s2, n, m)
+
+
+class NonFinite(Exception):
+    """Module `index` of a batch (of LoRA `side` 0 = A, 1 = B) has NaN/Inf in a factor or its scale."""
+
+    def __init__(self, side: int, index: int):
+        super().__init__(side, index)
+        self.side, self.index = side, index
+
+
+def _check_finite(grams, scales, side: int) -> None:
+    """A NaN/Inf anywhere in a factor reaches the diagonal of its Gram (a sum of squares), so the traces tell,
+    at r×r cost, which module cannot be compared (the eigen-solvers would fail on it with a raw LAPACK error)."""
+    ok = torch.ones(grams[0].shape[0], dtype=torch.bool, device=grams[0].device)
+    for g in grams:
+        ok &= torch.isfinite(g.diagonal(dim1=-2, dim2=-1).sum(-1))
+    for k, (good, sc) in enumerate(zip(ok.tolist(), scales)):
+        if not good or not math.isfinite(float(sc)):
+            raise NonFinite(side, k)
 
 
 def _batch_from_grams(gb11, gb12, gb22, ga11, ga12, ga22, s1, s2, n, m) -> list[dict]:

@@ -14,7 +14,7 @@ from ..errors import LensError
 from ..model import LoRAModel, ensure_model
 from ..parallel import ordered
 from .matching import match_modules
-from .metrics import lowrank_metrics_batch, module_metrics, plain_factors, small_maths
+from .metrics import NonFinite, lowrank_metrics_batch, module_metrics, plain_factors, small_maths
 
 PROBLEM_THRESHOLD = 0.35     # module conflict score at or above which a module is a problem
 CANCEL_THRESHOLD = -0.35     # cosine at or below which stacking cancels: a problem too
@@ -90,6 +90,13 @@ def stability(overall: float, problem_share: float, gain_full: float, gain_rec: 
 BATCH_BYTES = 48 << 20   # float buffer per batch of equal-shape modules
 
 
+def _non_finite(pair, side: int) -> LensError:
+    _, ma, mb = pair
+    which = ("first", ma) if side == 0 else ("second", mb)
+    return LensError(f"Module {which[1].name} of the {which[0]} LoRA contains NaN/Inf values (in a factor or its "
+                     "alpha); the LoRAs cannot be compared (fix or remove that module first).")
+
+
 def _all_metrics(shared, device, dtype, progress) -> list:
     """Metrics of every shared pair, in order. Plain products are grouped by shape (n, m, r₁, r₂) and measured in
     batches (`lowrank_metrics_batch`: one batched matmul per Gram, batched r×r work), copying each stored factor
@@ -127,7 +134,10 @@ def _all_metrics(shared, device, dtype, progress) -> list:
             bufs[1][j].copy_(fa[1])
             bufs[2][j].copy_(fb[0])
             bufs[3][j].copy_(fb[1])
-        return lowrank_metrics_batch(*bufs, [fa[2] for _, fa, _ in chunk], [fb[2] for _, _, fb in chunk])
+        try:
+            return lowrank_metrics_batch(*bufs, [fa[2] for _, fa, _ in chunk], [fb[2] for _, _, fb in chunk])
+        except NonFinite as e:
+            raise _non_finite(shared[chunk[e.index][0]], e.side) from None
     # two batches at once on the CPU (lens_ops.parallel): the r×r LAPACK work of one overlaps the other's Grams
     batches = ordered(jobs, measure, device)
     done = 0
@@ -142,7 +152,10 @@ def _all_metrics(shared, device, dtype, progress) -> list:
         batches.close()
     for i in single:
         _, ma, mb = shared[i]
-        results[i] = module_metrics(ma, mb, device, dtype)
+        try:
+            results[i] = module_metrics(ma, mb, device, dtype)
+        except NonFinite as e:
+            raise _non_finite(shared[i], e.side) from None
         done += 1
         if progress is not None:
             progress(done, total)
