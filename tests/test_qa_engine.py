@@ -140,3 +140,46 @@ def test_lyco_convert_uses_the_exact_factored_svd_not_a_dense_one(monkeypatch):
     s = torch.linalg.svdvals(ref)
     err = float((new.delta(torch.float64).reshape(ref.shape) - ref).norm() / ref.norm())
     assert abs(err - float(s[6:].norm() / s.norm())) < 2e-3
+
+
+def test_report_shows_no_python_none_for_carried_modules(tmp_path, capsys):
+    g = torch.Generator().manual_seed(2)
+    up, down = spectrum_factors(320, 320, 8, g, eff_rank=2.0, decay=0.5, magnitude=0.01)
+    sd = {"diffusion_model.middle_block.1.proj_in.lora_up.weight": up.half(),
+          "diffusion_model.middle_block.1.proj_in.lora_down.weight": down.half(),
+          "diffusion_model.out.2.diff": (torch.randn(4, 320, 3, 3, generator=g) * 0.01).half(),
+          "diffusion_model.out.2.diff_b": (torch.randn(4, generator=g) * 0.01).half()}
+    src = atomic_save(sd, str(tmp_path / "c.safetensors"), {})
+    assert main(["prune", src, "-o", str(tmp_path / "o.safetensors"), "--recipe", "rank=2"]) == 0
+    out = capsys.readouterr().out
+    assert "None" not in out and "-→-" in out
+
+
+def test_xlabs_lora_rank_metadata_follows_a_fixed_rank_prune(tmp_path):
+    g = torch.Generator().manual_seed(4)
+    sd = {}
+    for p in ("qkv_lora1", "proj_lora1"):
+        up, down = spectrum_factors(9216 if "qkv" in p else 3072, 3072, 8, g, eff_rank=2.0, decay=0.5, magnitude=0.01)
+        sd[f"double_blocks.0.processor.{p}.down.weight"] = down.bfloat16()
+        sd[f"double_blocks.0.processor.{p}.up.weight"] = up.bfloat16()
+    src = atomic_save(sd, str(tmp_path / "x.safetensors"), {"lora_rank": "8"})
+    out = str(tmp_path / "o.safetensors")
+    assert main(["prune", src, "-o", out, "--recipe", "rank=4", "-q"]) == 0
+    m = LoRAModel.load(out)
+    assert m.metadata["lora_rank"] == "4" and {x.rank() for x in m} == {4}
+    assert set(dict(m.state_dict())) == set(sd)
+
+
+def test_side_files_never_overwrite_the_input(tmp_path, capsys):
+    """`analyze X --image X` replaced the LoRA with a PNG; `prune X --report X` replaced it with JSON."""
+    src, _ = _sample(tmp_path, n=4)
+    before = open(src, "rb").read()
+    assert main(["analyze", src, "--image", src]) != 0
+    assert main(["prune", src, "-o", str(tmp_path / "o.safetensors"), "--report", src, "-q"]) != 0
+    assert main(["prune", src, "-o", str(tmp_path / "o.safetensors"), "--report",
+                 str(tmp_path / "o.safetensors"), "-q"]) != 0
+    assert open(src, "rb").read() == before and not (tmp_path / "o.safetensors").exists()
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.count("lora-lens:") == 3
+    assert main(["analyze", src, "--image", str(tmp_path / "missing" / "x.png")]) != 0
+    assert "does not exist" in capsys.readouterr().err

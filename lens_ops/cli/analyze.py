@@ -53,6 +53,13 @@ def run(args) -> int:
     if not 0 < args.block_share <= 1:
         from ..errors import LensError
         raise LensError(f"--block-share must be in (0, 1], got {args.block_share}.")
+    if args.image:
+        from ..errors import LensError
+        if os.path.exists(args.image) and os.path.exists(args.file) and os.path.samefile(args.image, args.file):
+            raise LensError(f"Refusing to overwrite the input file {args.file} with the --image PNG; "
+                            "choose another name.")
+        if not os.path.isdir(os.path.dirname(os.path.abspath(args.image))):
+            raise LensError(f"The folder of --image {args.image} does not exist.")
     model = LoRAModel.load(args.file)
     bar = Bar("analysing") if not args.json else None
     rep = analyze(model, device=args.device, progress=bar, block_share=args.block_share,

@@ -71,6 +71,11 @@ def run(args) -> int:
         if not os.path.isfile(src):
             raise LensError(f"{src} does not exist or is not a file.")
     paths = _outputs(args.inputs, args.output, recipes)
+    if args.report:
+        rep = os.path.abspath(args.report)
+        if rep in {os.path.abspath(p) for row in paths for p in row} or any(
+                os.path.exists(rep) and os.path.samefile(rep, src) for src in args.inputs):
+            raise LensError(f"--report {args.report} is an input or output LoRA file; choose another name.")
     base = CheckpointBase(args.base) if args.base else None
     if any(r.needs_base for r in recipes) and base is None:
         raise LensError("This recipe uses a ckpt score (spn_ckpt, fro_ckpt or subspace): give the base model "

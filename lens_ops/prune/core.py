@@ -422,6 +422,8 @@ def _metadata(src: LoRAModel, out: LoRAModel, recipe: Recipe, report: dict) -> d
     meta = src.with_provenance("prune", settings)
     ranks = {m.rank() for m in out.modules if m.kind.name == "lora"}
     alphas = {m.alpha for m in out.modules if m.kind.name == "lora" and m.alpha is not None}
+    if "lora_rank" in meta and len(ranks) == 1:  # XLabs FLUX files record their rank here
+        meta["lora_rank"] = str(next(iter(ranks)))
     if "ss_network_dim" in meta:
         meta["ss_network_dim"] = str(ranks.pop()) if len(ranks) == 1 else "Dynamic"
     if "ss_network_alpha" in meta:

@@ -94,7 +94,7 @@ def format_report(report: dict, limit: int = 40) -> str:
     rows = sorted(report["modules"], key=lambda e: -(e["rel_error"] or 0))[:limit]
     lines.append(f"{'rank':>9}  {'rel err':>8}  {'rle_lora':>8}  {'rle_ckpt':>8}  {'SNR dB':>7}  module")
     for e in rows:
-        rank = f"{e['old_rank'] if e['old_rank'] is not None else '-'}→{e['new_rank']}"
+        rank = f"{e['old_rank'] if e['old_rank'] is not None else '-'}→{e['new_rank'] if e['new_rank'] is not None else '-'}"
         snr_m = "inf" if e["snr_db"] is None else f"{e['snr_db']:.1f}"
         lines.append(f"{rank:>9}  {_pct(e['rel_error']):>8}  {_pct(e['rle_lora']):>8}  {_pct(e['rle_ckpt']):>8}  "
                      f"{snr_m:>7}  {e['name']}  [{e['note']}]")
