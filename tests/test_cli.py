@@ -67,3 +67,38 @@ def test_program_exit_keeps_output_and_exit_code(tmp_path):
     assert [f for f in os.listdir(tmp_path) if f.startswith(".lens-")] == []  # no temp file left
     r = run_cli("prune", str(tmp_path / "missing.safetensors"), "-o", str(tmp_path / "o.safetensors"))
     assert r.returncode == 2 and "does not exist" in r.stderr
+
+
+def test_unavailable_device_is_one_sentence(tmp_path, capsys):
+    """--device cuda on a machine without CUDA said "unexpected error (AssertionError: Torch not compiled with
+    CUDA enabled)"."""
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    from safetensors.torch import save_file
+    from lens_ops.cli import main
+    from lens_ops.synth import make_lora
+    sd = make_lora("sdxl_kohya", rank=4, seed=1, max_modules=2)
+    src = str(tmp_path / "in.safetensors")
+    save_file(dict(sd), src)
+    out = tmp_path / "o.safetensors"
+    assert main(["prune", src, "-o", str(out), "--device", "cuda"]) == 2
+    err = capsys.readouterr().err
+    assert "no CUDA device" in err and "unexpected" not in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_int8_file_has_no_extreme_alpha_warning(tmp_path, capsys):
+    """Our own int8 output (scales folded into alpha) was flagged "Extreme alpha/rank"."""
+    import json
+    from safetensors.torch import save_file
+    from lens_ops.cli import main
+    from lens_ops.synth import make_lora
+    sd = make_lora("sdxl_kohya", rank=8, seed=1, max_modules=4)
+    src, q = str(tmp_path / "in.safetensors"), str(tmp_path / "q.safetensors")
+    save_file(dict(sd), src)
+    assert main(["quantize", src, "-o", q]) == 0
+    capsys.readouterr()
+    assert main(["analyze", q, "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert "extreme_alpha" not in json.dumps(rep.get("findings"))

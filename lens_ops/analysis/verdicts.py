@@ -149,7 +149,10 @@ def findings_and_health(model, entries: dict, blocks: dict, dups: list, summary:
                 f"(≤ 10 % relative ΔW error per module).",
                 {"nominal_rank_median": nominal, "effective_rank_99_median": k99, "efficiency": eff["score"]})
     # alpha / rank
-    scales = [(n, e["alpha_over_rank"]) for n, e in entries.items() if e.get("alpha_over_rank") is not None]
+    # int8/fp8 factors carry their per-tensor scales in alpha (QuantizeInt8 folds them there): a tiny
+    # alpha/rank is then by design, not a trainer setting to check
+    scales = [(n, e["alpha_over_rank"]) for n, e in entries.items() if e.get("alpha_over_rank") is not None
+              and not any(q in (e.get("dtype") or "") for q in ("int8", "fp8", "uint8"))]
     extreme = [(n, s) for n, s in scales if abs(s) >= ALPHA_HIGH or abs(s) <= ALPHA_LOW]
     if extreme:
         add("extreme_alpha", "warning", "Extreme alpha/rank",

@@ -48,9 +48,16 @@ def resolve_device(name: str):
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        return torch.device(name)
+        dev = torch.device(name)
     except RuntimeError:
         raise LensError(f"Unknown device {name!r}; use auto, cpu, cuda or cuda:N.") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise LensError(f"--device {name}: this torch has no CUDA device here; use --device cpu (or auto).")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise LensError(f"--device {name}: there are only {torch.cuda.device_count()} CUDA device(s).")
+    if dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise LensError(f"--device {name}: MPS is not available here; use --device cpu (or auto).")
+    return dev
 
 
 def _named_command(argv: list[str]) -> str | None:
