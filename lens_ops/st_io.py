@@ -148,22 +148,27 @@ def _temp_file(folder: str) -> tuple[int, str]:
     return fd, tmp
 
 
-def atomic_save(tensors: dict[str, torch.Tensor], path: str, metadata: dict | None = None,
-                forbid: tuple[str, ...] = ()) -> str:
-    """Write a safetensors file via temp file + rename; refuse to overwrite any path in `forbid`."""
+def atomic_write(path: str, write: Callable[[str], None], forbid: tuple[str, ...] = ()) -> str:
+    """`write(temp_path)` next to `path`, then rename into place: readers never see half a file, and nothing
+    is left behind on an error; refuses to overwrite any path in `forbid`."""
     target = _writable_target(path, forbid)
-    folder = os.path.dirname(target) or "."
-    meta = {str(k): str(v) for k, v in (metadata or {}).items()}
-    fd, tmp = _temp_file(folder)
+    fd, tmp = _temp_file(os.path.dirname(target) or ".")
     os.close(fd)
     try:
-        save_file(tensors, tmp, metadata=meta or None)
+        write(tmp)
         os.replace(tmp, target)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
     return target
+
+
+def atomic_save(tensors: dict[str, torch.Tensor], path: str, metadata: dict | None = None,
+                forbid: tuple[str, ...] = ()) -> str:
+    """Write a safetensors file via temp file + rename; refuse to overwrite any path in `forbid`."""
+    meta = {str(k): str(v) for k, v in (metadata or {}).items()}
+    return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta or None), forbid)
 
 
 def _writable_target(path: str, forbid: tuple[str, ...]) -> str:

@@ -5,16 +5,15 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 
 import torch
 
 from ..conflict import format_report, json_safe, problem_list, render, scan
 from ..conflict.scan import PROBLEM_THRESHOLD
 from ..errors import LensError
-from ..file_mode import new_file_mode
 from ..model import LoRAModel
 from ..progress import Bar
+from ..st_io import atomic_write
 
 NAME = "conflict"
 ORDER = 40
@@ -50,21 +49,6 @@ def _side_outputs(args) -> None:
             raise LensError(f"The folder of {p} does not exist.")
 
 
-def _write_atomic(path: str, write) -> None:
-    """write(temp_path), then rename into place; nothing is left behind on an error."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".lens-", suffix=os.path.splitext(path)[1] or ".tmp", dir=folder)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, new_file_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def run(args) -> int:
     _side_outputs(args)
     a = LoRAModel.load(args.a)
@@ -78,7 +62,7 @@ def run(args) -> int:
         def write_text(tmp):
             with open(tmp, "w", encoding="utf-8") as f:
                 f.write(text)
-        _write_atomic(args.problems, write_text)
+        atomic_write(args.problems, write_text, forbid=(args.a, args.b))
     if args.map:
         try:
             from PIL import Image
@@ -86,7 +70,7 @@ def run(args) -> int:
             raise LensError("Writing the conflict map needs Pillow (pip install pillow).") from None
         import numpy as np
         img = Image.fromarray((render(report) * 255).astype(np.uint8))
-        _write_atomic(args.map, lambda tmp: img.save(tmp, format="PNG"))
+        atomic_write(args.map, lambda tmp: img.save(tmp, format="PNG"), forbid=(args.a, args.b))
     if args.json:
         print(json.dumps(json_safe(report), indent=1))
     else:
