@@ -38,6 +38,10 @@ def summarize(model: LoRAModel, file_size: int | None = None) -> dict:
                         + ", ".join(unknown[:3]))
     if model.convention in COMFY_UNREAD:
         warnings.append(COMFY_UNREAD[model.convention])
+    peft_dora = [m.name for m in model.modules if "magnitude" in m.tensors and "dora_scale" not in m.tensors]
+    if peft_dora:
+        warnings.append(f"{len(peft_dora)} module(s) are PEFT DoRA (lora_magnitude_vector): ComfyUI's LoRA loader "
+                        "reads only kohya's .dora_scale, so it applies them as plain LoRA, without the magnitude")
     if any(m.kind.needs_base_weight for m in model.modules):
         warnings.append("some modules (GLoRA/OFT/BOFT) change weights relative to the base model; "
                         "their ΔW needs the base weights")

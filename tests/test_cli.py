@@ -102,3 +102,27 @@ def test_int8_file_has_no_extreme_alpha_warning(tmp_path, capsys):
     assert main(["analyze", q, "--json"]) == 0
     rep = json.loads(capsys.readouterr().out)
     assert "extreme_alpha" not in json.dumps(rep.get("findings"))
+
+
+def test_peft_dora_is_flagged_as_not_applied_by_comfyui(tmp_path, capsys):
+    """PEFT DoRA keeps its magnitude in `lora_magnitude_vector`, which ComfyUI's loader does not read (it reads
+    kohya's `.dora_scale`): `info` said "+ DoRA" with no word that ComfyUI applies a plain LoRA."""
+    import json
+    import torch
+    from safetensors.torch import save_file
+    from lens_ops.cli import main
+    g = torch.Generator().manual_seed(4)
+    base = "base_model.model.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+    sd = {base + ".lora_A.weight": torch.randn(4, 320, generator=g), base + ".lora_B.weight": torch.randn(320, 4, generator=g),
+          base + ".lora_magnitude_vector": torch.rand(320, generator=g) + 0.5}
+    p = str(tmp_path / "peft_dora.safetensors")
+    save_file(sd, p)
+    assert main(["info", p, "--json"]) == 0
+    warnings = json.loads(capsys.readouterr().out)["warnings"]
+    assert any("PEFT DoRA" in w and "plain LoRA" in w for w in warnings), warnings
+    kohya = {"lora_unet_x.lora_up.weight": torch.randn(8, 2, generator=g), "lora_unet_x.lora_down.weight": torch.randn(2, 8, generator=g),
+             "lora_unet_x.dora_scale": torch.rand(8, 1, generator=g)}
+    q = str(tmp_path / "kohya_dora.safetensors")
+    save_file(kohya, q)
+    assert main(["info", q, "--json"]) == 0
+    assert not any("PEFT DoRA" in w for w in json.loads(capsys.readouterr().out)["warnings"])
