@@ -151,3 +151,22 @@ def test_quantize_cli_error_midway_leaves_nothing(tmp_path, capsys):
     err = capsys.readouterr().err
     assert key.rsplit(".", 2)[0] in err and "NaN" in err
     assert os.listdir(folder) == []
+
+
+def test_ultra_on_int8_keeps_the_codes_of_modules_the_prune_left(tmp_path, capsys):
+    """`ultra` on a QuantizeInt8 output: modules the recipe leaves as they are keep their stored int8 codes
+    bit for bit (they were dequantized for the pruner and re-rounded: lossy for no size gain); pruned
+    modules are quantized anew."""
+    sd = make_lora("sdxl_kohya", rank=8, seed=3, max_modules=6)
+    src, q = str(tmp_path / "in.safetensors"), str(tmp_path / "q.safetensors")
+    save_file(dict(sd), src)
+    assert main(["quantize", src, "-o", q]) == 0
+    same, fewer = str(tmp_path / "same.safetensors"), str(tmp_path / "fewer.safetensors")
+    assert main(["ultra", q, "-o", same, "--recipe", "rank=8"]) == 0
+    a, b = load_file(q), load_file(same)
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert main(["ultra", q, "-o", fewer, "--recipe", "rank=4"]) == 0
+    c = load_file(fewer)
+    downs = [k for k in c if k.endswith("lora_down.weight")]
+    assert downs and all(c[k].dtype == torch.int8 and c[k].shape[0] == 4 for k in downs)
+    capsys.readouterr()

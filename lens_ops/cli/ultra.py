@@ -46,7 +46,9 @@ def run(args) -> int:
         raise LensError("ultra takes one recipe (no ':'); run `lora-lens prune` for several outputs.")
     model = LoRAModel.load(args.input)
     _check_finite(model)  # before pruning: a NaN alpha would otherwise surface later as NaN factors
+    stored = None
     if any(is_quantized(t) for m in model.modules for t in m.tensors.values()):
+        stored = model
         model, _ = dequantize_model(model, "fp32")  # exact float factors for the pruner; re-quantized below
         model.source = os.path.abspath(args.input)
     kw = {}
@@ -64,6 +66,11 @@ def run(args) -> int:
     if not any(m.kind.name in FOLDABLE for m in pruned.modules):
         raise LensError(f"Pruning {os.path.basename(args.input)} by recipe {args.recipe} left no LoRA module to "
                         "quantize (every module's ΔW is zero or was removed); nothing is written.")
+    if stored is not None:  # modules the prune left as they were go back to their stored int8/fp8 codes
+        floats = {m.name: m for m in model.modules}
+        codes = {m.name: m for m in stored.modules}
+        pruned = pruned.replace_modules({m.name: codes[m.name] for m in pruned.modules
+                                         if floats.get(m.name) is m and m.name in codes})
     pruned.source = model.source
     full = quantize_and_print(pruned, args, extra_report={"recipe": args.recipe, "prune": prune_report})
     q = full["quantize"]
