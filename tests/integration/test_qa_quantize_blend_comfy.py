@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from integration.conftest import errors_of
+from integration.sampling import sample_prompt, saved_image
 from lens_ops.synth import make_lora
 
 
@@ -42,29 +43,6 @@ def _ckpt(server):
     return "tiny_sd15.safetensors"
 
 
-def _sample(ckpt, extra: dict, model_ref, clip_ref, prefix):
-    p = {
-        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}},
-        "2": {"class_type": "CLIPTextEncode", "inputs": {"text": "a photo of a cat", "clip": clip_ref}},
-        "3": {"class_type": "CLIPTextEncode", "inputs": {"text": "blurry", "clip": clip_ref}},
-        "4": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
-        "5": {"class_type": "KSampler", "inputs": {"model": model_ref, "positive": ["2", 0], "negative": ["3", 0],
-                                                  "latent_image": ["4", 0], "seed": 5, "steps": 2, "cfg": 5.0,
-                                                  "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}},
-        "6": {"class_type": "VAEDecode", "inputs": {"samples": ["5", 0], "vae": ["1", 2]}},
-        "7": {"class_type": "SaveImage", "inputs": {"images": ["6", 0], "filename_prefix": prefix}},
-    }
-    p.update(extra)
-    return p
-
-
-def _image(server, entry):
-    import numpy as np
-    from PIL import Image
-    img = entry["outputs"]["7"]["images"][0]
-    return np.asarray(Image.open(os.path.join(server.output, img["subfolder"], img["filename"]))).astype("int32")
-
-
 def test_apply_lora_on_peft_te_only_int8_and_blend_equals_core_loraloader(comfy_server):
     """A PEFT-named, text-encoder-only SD 1.5 LoRA: quantized in the graph and applied with ApplyLoRA gives the
     image core LoraLoader gives on the saved int8 file; and its blend with a kohya UNet+TE LoRA at (0.7, -0.4)
@@ -87,19 +65,19 @@ def test_apply_lora_on_peft_te_only_int8_and_blend_equals_core_loraloader(comfy_
     assert any(v.dtype == torch.int8 for v in load_file(os.path.join(comfy_server.output, saved[0])).values())
     shutil.copy(os.path.join(comfy_server.output, saved[0]), os.path.join(comfy_server.loras, "qa_te_int8.safetensors"))
 
-    base = _image(comfy_server, comfy_server.run(_sample(ckpt, {}, ["1", 0], ["1", 1], "qa/base")))
+    base = saved_image(comfy_server, comfy_server.run(sample_prompt(ckpt, {}, ["1", 0], ["1", 1], seed=5, prefix="qa/base")))
     nodes = {k: v for k, v in quant.items() if k != "12"}
     nodes["13"] = {"class_type": "ApplyLoRA", "inputs": {"model": ["1", 0], "clip": ["1", 1], "lora": ["11", 0],
                                                          "strength_model": 6.0, "strength_clip": 6.0}}
-    e1 = comfy_server.run(_sample(ckpt, nodes, ["13", 0], ["13", 1], "qa/apply_q"))
+    e1 = comfy_server.run(sample_prompt(ckpt, nodes, ["13", 0], ["13", 1], seed=5, prefix="qa/apply_q"))
     assert e1["status"]["status_str"] == "success", errors_of(e1)
     assert "No module matched" not in str(e1["outputs"].get("13", ""))
     core = {"14": {"class_type": "LoraLoader", "inputs": {"model": ["1", 0], "clip": ["1", 1],
                                                           "lora_name": "qa_te_int8.safetensors",
                                                           "strength_model": 6.0, "strength_clip": 6.0}}}
-    e2 = comfy_server.run(_sample(ckpt, core, ["14", 0], ["14", 1], "qa/core_q"))
+    e2 = comfy_server.run(sample_prompt(ckpt, core, ["14", 0], ["14", 1], seed=5, prefix="qa/core_q"))
     assert e2["status"]["status_str"] == "success", errors_of(e2)
-    a, b = _image(comfy_server, e1), _image(comfy_server, e2)
+    a, b = saved_image(comfy_server, e1), saved_image(comfy_server, e2)
     assert abs(a - base).max() > 0, "the text-encoder-only LoRA changed nothing"
     assert abs(a - b).max() <= 1
 
@@ -109,7 +87,7 @@ def test_apply_lora_on_peft_te_only_int8_and_blend_equals_core_loraloader(comfy_
                                                            "weight_b": -1.6, "rank": 0, "method": "concat"}},
              "23": {"class_type": "ApplyLoRA", "inputs": {"model": ["1", 0], "clip": ["1", 1], "lora": ["22", 0],
                                                           "strength_model": 1.0, "strength_clip": 1.0}}}
-    e3 = comfy_server.run(_sample(ckpt, blend, ["23", 0], ["23", 1], "qa/blend"))
+    e3 = comfy_server.run(sample_prompt(ckpt, blend, ["23", 0], ["23", 1], seed=5, prefix="qa/blend"))
     assert e3["status"]["status_str"] == "success", errors_of(e3)
     stacked = {"30": {"class_type": "LoraLoader", "inputs": {"model": ["1", 0], "clip": ["1", 1],
                                                              "lora_name": "qa_kohya.safetensors",
@@ -117,9 +95,9 @@ def test_apply_lora_on_peft_te_only_int8_and_blend_equals_core_loraloader(comfy_
                "31": {"class_type": "LoraLoader", "inputs": {"model": ["30", 0], "clip": ["30", 1],
                                                              "lora_name": "qa_peft_te.safetensors",
                                                              "strength_model": -1.6, "strength_clip": -1.6}}}
-    e4 = comfy_server.run(_sample(ckpt, stacked, ["31", 0], ["31", 1], "qa/stacked"))
+    e4 = comfy_server.run(sample_prompt(ckpt, stacked, ["31", 0], ["31", 1], seed=5, prefix="qa/stacked"))
     assert e4["status"]["status_str"] == "success", errors_of(e4)
-    c, d = _image(comfy_server, e3), _image(comfy_server, e4)
+    c, d = saved_image(comfy_server, e3), saved_image(comfy_server, e4)
     assert abs(c - base).max() > 0
     assert abs(c - d).max() <= 1, "blend applied once differs from both LoRAs stacked"
 

@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import save_file
 
 from integration.conftest import errors_of
+from integration.sampling import sample_prompt, saved_image
 from lens_ops import LoRAModel
 from lens_ops.quantize import quantize_model
 from lora_factory import convention_lora, gen, kind_tensors
@@ -107,29 +108,6 @@ def test_saved_by_savelorafile_patches_like_dequantized(comfy_server, comfy_inpr
             assert (got - fp16).norm() / fp16.norm() < (0.02 if method == "auto" else 0.06)
 
 
-def _sample_prompt(ckpt, lora_nodes: dict, model_ref, clip_ref, seed=11):
-    p = {
-        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}},
-        "2": {"class_type": "CLIPTextEncode", "inputs": {"text": "a photo of a cat", "clip": clip_ref}},
-        "3": {"class_type": "CLIPTextEncode", "inputs": {"text": "blurry", "clip": clip_ref}},
-        "4": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
-        "5": {"class_type": "KSampler", "inputs": {"model": model_ref, "positive": ["2", 0], "negative": ["3", 0],
-                                                  "latent_image": ["4", 0], "seed": seed, "steps": 2, "cfg": 5.0,
-                                                  "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}},
-        "6": {"class_type": "VAEDecode", "inputs": {"samples": ["5", 0], "vae": ["1", 2]}},
-        "7": {"class_type": "SaveImage", "inputs": {"images": ["6", 0], "filename_prefix": "qimg/x"}},
-    }
-    p.update(lora_nodes)
-    return p
-
-
-def _image(server, entry):
-    import numpy as np
-    from PIL import Image
-    img = entry["outputs"]["7"]["images"][0]
-    return np.asarray(Image.open(os.path.join(server.output, img["subfolder"], img["filename"]))).astype("int32")
-
-
 def test_apply_lora_matches_core_loraloader(comfy_server):
     """Quantize in the graph, ApplyLoRA it: same image as core LoraLoader on the saved int8 file."""
     from integration.tiny_checkpoint import cached_sd15_checkpoint
@@ -151,21 +129,21 @@ def test_apply_lora_matches_core_loraloader(comfy_server):
     assert len(names) == 1
     saved = "sd15q_int8.safetensors"  # put where LoraLoader lists it (the server's loras folder)
     shutil.copy(os.path.join(comfy_server.output, names[0]), os.path.join(comfy_server.loras, saved))
-    base = _image(comfy_server, comfy_server.run(_sample_prompt("tiny_sd15.safetensors", {}, ["1", 0], ["1", 1])))
+    base = saved_image(comfy_server, comfy_server.run(sample_prompt("tiny_sd15.safetensors", {}, ["1", 0], ["1", 1])))
     apply_nodes = dict(quant)
     del apply_nodes["12"]
     apply_nodes["13"] = {"class_type": "ApplyLoRA", "inputs": {"model": ["1", 0], "clip": ["1", 1], "lora": ["11", 0],
                                                                "strength_model": 8.0, "strength_clip": 8.0}}
     off = os.path.getsize(comfy_server.log_path)
-    e1 = comfy_server.run(_sample_prompt("tiny_sd15.safetensors", apply_nodes, ["13", 0], ["13", 1]))
+    e1 = comfy_server.run(sample_prompt("tiny_sd15.safetensors", apply_nodes, ["13", 0], ["13", 1]))
     assert e1["status"]["status_str"] == "success", errors_of(e1)
     log = open(comfy_server.log_path).read()[off:]
     assert "lora key not loaded" not in log and "NOT LOADED" not in log
     core = {"14": {"class_type": "LoraLoader", "inputs": {"model": ["1", 0], "clip": ["1", 1], "lora_name": saved,
                                                           "strength_model": 8.0, "strength_clip": 8.0}}}
-    e2 = comfy_server.run(_sample_prompt("tiny_sd15.safetensors", core, ["14", 0], ["14", 1]))
+    e2 = comfy_server.run(sample_prompt("tiny_sd15.safetensors", core, ["14", 0], ["14", 1]))
     assert e2["status"]["status_str"] == "success", errors_of(e2)
-    a, b = _image(comfy_server, e1), _image(comfy_server, e2)
+    a, b = saved_image(comfy_server, e1), saved_image(comfy_server, e2)
     assert abs(a - base).max() > 0, "ApplyLoRA changed nothing"
     assert abs(a - b).max() <= 1, "ApplyLoRA (in-graph int8) and LoraLoader (saved int8 file) differ"
     info = comfy_server.object_info("ApplyLoRA")["ApplyLoRA"]
