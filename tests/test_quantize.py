@@ -418,20 +418,28 @@ def test_fast_rotation_matches_dense_rotation():
 
 
 def test_int8_gram_route_equals_float_route(monkeypatch):
-    """The int8 route (`_code_grams`: codes plus two int8 levels of their rounding errors, exact int32 products)
-    gives the same ΔW metrics as the all-float route, and both equal the dense float64 reference."""
-    from lens_ops.quantize import metrics
+    """The int8 route (fold._int8_candidate: codes plus two int8 levels of their rounding errors from the encoder's
+    residual, exact int32 products) gives the same codes and ΔW / stored-tensor metrics as the all-float route,
+    and both equal the dense float64 reference."""
+    from lens_ops.quantize import fold, metrics
     sd = _big_decaying_lora(seed=23)
     calls = []
-    real = metrics._code_grams
-    monkeypatch.setattr(metrics, "_code_grams", lambda *a: calls.append(1) or real(*a))
+    real = fold.level_grams
+    monkeypatch.setattr(fold, "level_grams", lambda *a: calls.append(1) or real(*a))
     q, fast = quantize_model(sd, metrics="sampled")
     assert calls  # the int route ran
+    monkeypatch.setattr(fold, "_int8_candidate", lambda *a: None)
     monkeypatch.setattr(metrics, "_code_grams", lambda *a: None)
-    _, slow = quantize_model(sd, metrics="sampled")
+    q_slow, slow = quantize_model(sd, metrics="sampled")
+    for k, t in q.state_dict().items():
+        assert torch.equal(t, q_slow.state_dict()[k]), k
     for f, s in zip(fast["per_module"], slow["per_module"]):
         assert f["delta"]["snr_db"] == pytest.approx(s["delta"]["snr_db"], abs=2e-5)
         assert f["delta"]["mse"] == pytest.approx(s["delta"]["mse"], rel=5e-6)
+        for key in ("mae", "max_error"):        # sampled rows: same rows, other (exact) formula
+            assert f["delta"][key] == pytest.approx(s["delta"][key], rel=1e-5)
+        for key in ("snr_db", "mse", "mae", "max_error"):
+            assert f["tensors"][key] == pytest.approx(s["tensors"][key], rel=1e-4), key
     per = {p["name"]: p["delta"] for p in fast["per_module"]}
     for name in {k.split(".")[0] for k in sd}:
         ref, got = _dense_reference(sd, q, name)
@@ -463,6 +471,42 @@ def test_code_grams_against_float64(shape):
     dense = float(((B @ A - Bq @ Aq) ** 2).sum())
     assert err == pytest.approx(dense, rel=2e-6)
     assert sig == pytest.approx(float(((B @ A) ** 2).sum()), rel=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(700, 900, 64), (1280, 640, 128), (9000, 300, 8)])
+def test_int8_candidate_against_float64(shape):
+    """The residual route (fold._int8_candidate) against dense float64: the codes are codec.encode's, the ΔW error
+    and signal energies match to ~1e-6, the stored-tensor stats and the sampled ΔW rows' MAE / max error to float
+    rounding."""
+    from lens_ops.quantize import fold
+    from lens_ops.quantize.metrics import sample_rows
+    from lens_ops.synth import spectrum_factors
+    n, m, r = shape
+    b, a = spectrum_factors(n, m, r, gen(41 + r), eff_rank=8.0, decay=0.5, magnitude=1.0)
+    b, a = transforms.apply("rebalance+rotate", b, a)
+    got = fold._int8_candidate(b, a, 0.75, "sampled", "x")
+    if got is None:
+        pytest.skip("no int8 matrix product on this platform (the float route is used)")
+    qb, sb = encode(b, "int8")
+    qa, sa = encode(a, "int8")
+    assert torch.equal(got.qb, qb) and torch.equal(got.qa, qa) and (got.sb, got.sa) == (sb, sa)
+    B, A = b.double(), a.double()
+    Bq, Aq = qb.double() * sb, qa.double() * sa
+    diff = 0.75 * (B @ A - Bq @ Aq)
+    assert got.err == pytest.approx(float((diff ** 2).sum()), rel=2e-6)
+    assert got.delta.signal == pytest.approx(float(((0.75 * B @ A) ** 2).sum()), rel=1e-6)
+    rows = diff[sample_rows(n)]
+    assert got.delta.abs_count == rows.numel() and got.delta.sampled
+    assert got.delta.abs_sum == pytest.approx(float(rows.abs().sum()), rel=1e-5)
+    assert got.delta.max_abs == pytest.approx(float(rows.abs().max()), rel=1e-5)
+    e = torch.cat([(B - Bq).reshape(-1), (A - Aq).reshape(-1)])
+    x = torch.cat([B.reshape(-1), A.reshape(-1)])
+    t = got.tensors
+    assert t.signal == pytest.approx(float(x.pow(2).sum()), rel=1e-5)
+    assert t.error == pytest.approx(float(e.pow(2).sum()), rel=1e-5)
+    assert t.abs_sum == pytest.approx(float(e.abs().sum()), rel=1e-5)
+    assert t.max_abs == pytest.approx(float(e.abs().max()), rel=1e-5)
+    assert t.count == x.numel()
 
 
 def test_worker_threads_do_not_change_results():

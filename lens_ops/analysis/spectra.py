@@ -285,7 +285,8 @@ def analyze_modules(model: LoRAModel, device="cpu", progress: Callable[[int, int
             # one intra-op thread per worker, modules in parallel: no OpenMP barriers between tiny ops,
             # which matters on a busy machine; torch releases the GIL inside every kernel
             torch.set_num_threads(1)
-        with ThreadPoolExecutor(max_workers=workers) as pool:
+        # initializer: torch's thread count is per thread; a new worker would start at the core count
+        with ThreadPoolExecutor(max_workers=workers, initializer=torch.set_num_threads, initargs=(1,)) as pool:
             futures = {pool.submit(fn, mods, entries, dtype, device, torch.Generator().manual_seed(sd)): (len(mods), mods)
                        for fn, mods, dtype, sd in jobs}
             for fut in as_completed(futures):

@@ -25,7 +25,8 @@ from ..kinds.lora import fold_mid
 from ..model import DTYPE_NAMES, LoRAModule
 from . import transforms
 from .codec import FORMATS, check_finite, decode, encode
-from .metrics import Stats, dense_stats, lowrank_error, row_sample_stats, tensor_stats
+from .metrics import (SMALL, Stats, code_grams_apply, dense_stats, error_from_blocks, level_grams, lowrank_error,
+                      residual_levels, residual_row_stats, residual_stats, row_sample_stats, tensor_stats)
 
 FOLDABLE = ("lora", "loha", "lokr")
 PREDICT_MARGIN_DB = 3.0
@@ -121,9 +122,82 @@ def _delta_stats(signal, err, b, a, bq, aq, eb, ea, scale: float, mode: str) -> 
     """ΔW Stats from the exact signal/error, with MAE and max error from a row sample when mode is 'sampled'."""
     st = Stats(signal, err, None, None, b.shape[0] * a.shape[1])
     if mode == "sampled":
-        rs = row_sample_stats(b, a, bq, aq, scale, eb=eb, ea=ea)
-        st.abs_sum, st.max_abs, st.abs_count, st.sampled = rs.abs_sum, rs.max_abs, rs.abs_count, rs.sampled
+        _take_rows(st, row_sample_stats(b, a, bq, aq, scale, eb=eb, ea=ea))
     return st
+
+
+def _take_rows(st: Stats, rs: Stats) -> None:
+    st.abs_sum, st.max_abs, st.abs_count, st.sampled = rs.abs_sum, rs.max_abs, rs.abs_count, rs.sampled
+
+
+@dataclass
+class _Candidate:
+    """One transform of a LoRA pair, quantized and measured."""
+    err: float
+    delta: Stats
+    tensors: Stats
+    qb: torch.Tensor
+    sb: float
+    qa: torch.Tensor
+    sa: float
+
+
+def _residual_code(x: torch.Tensor, where: str):
+    """(rounded codes as floats, scale, residual d = x/s − q) for int8, or None for an empty or all-zero x. The same
+    codes as codec.encode: round(x/s) with s = max|x|/127 (|x/s| ≤ 127 up to float rounding, so no clamp)."""
+    if not x.numel():
+        return None
+    lo, hi = torch.aminmax(x)
+    amax = max(-float(lo), float(hi))
+    if not math.isfinite(amax):
+        check_finite(x, where)
+    if amax == 0.0:
+        return None
+    s = amax / FORMATS["int8"][1]
+    y = x / s
+    q = torch.round(y)
+    return q, s, y.sub_(q)
+
+
+def _int8_candidate(bt, at, scale: float, mode: str, name: str) -> _Candidate | None:
+    """The int8 route in as few passes over the factors as possible: the encoder's residual d = x/s − q gives the
+    stored-tensor stats, the sampled ΔW rows and the two finer int8 levels of the rounding error that the exact
+    ΔW error needs (metrics.level_grams), with no dequantized copy and no separate error tensor. None when it
+    does not apply (small modules: float64 metrics; a zero factor; a step too small for float32)."""
+    if bt.numel() + at.numel() <= SMALL or bt.dtype != torch.float32:
+        return None
+    cb = _residual_code(bt, f"Module {name} (up)")
+    ca = _residual_code(at, f"Module {name} (down)") if cb is not None else None
+    if ca is None:
+        return None
+    (fb, sb, db), (fa, sa, da) = cb, ca
+    qb, qa = fb.to(torch.int8), fa.to(torch.int8)
+    if not code_grams_apply(qb, qa, sb, sa):
+        return None
+    tstats = Stats().add(residual_stats(bt, db, sb)).add(residual_stats(at, da, sa))
+    rows = residual_row_stats(fb, db, sb, at, da, sa, scale) if mode == "sampled" else None
+    blocks = level_grams(residual_levels(qb, db, sb, 1), residual_levels(qa, da, sa, 0), sb, sa)
+    if blocks is None:
+        return None
+    err, signal = error_from_blocks(blocks, scale)
+    delta = Stats(signal, err, None, None, bt.shape[0] * at.shape[1])
+    if rows is not None:
+        _take_rows(delta, rows)
+    return _Candidate(err, delta, tstats, qb, sb, qa, sa)
+
+
+def _candidate(bt, at, fmt: str, scale: float, mode: str, name: str) -> _Candidate:
+    """Quantize one transformed pair and measure it (the fast int8 route where it applies)."""
+    if fmt == "int8":
+        fast = _int8_candidate(bt, at, scale, mode, name)
+        if fast is not None:
+            return fast
+    qb, sb, bq, eb = _encode(bt, fmt, f"Module {name} (up)")
+    qa, sa, aq, ea = _encode(at, fmt, f"Module {name} (down)")
+    err, sig = lowrank_error(bt, at, bq, aq, scale, with_signal=True, eb=eb, ea=ea, qb=qb, sb=sb, qa=qa, sa=sa)
+    delta = _delta_stats(sig, err, bt, at, bq, aq, eb, ea, scale, mode)
+    tstats = Stats().add(tensor_stats(bt, bq, eb)).add(tensor_stats(at, aq, ea))
+    return _Candidate(err, delta, tstats, qb, sb, qa, sa)
 
 
 def _lora(m: LoRAModule, fmt: str, method: str, mode: str, device) -> ModuleResult:
@@ -163,20 +237,15 @@ def _lora(m: LoRAModule, fmt: str, method: str, mode: str, device) -> ModuleResu
                 cands = [c for c in cands if preds[c] <= best_pred * 10 ** (PREDICT_MARGIN_DB / 10)]
         else:
             prepared = {cands[0]: transforms.apply(cands[0], b, a)}
-        best = None
+        best, chosen = None, None
         for c in cands:
-            bt, at = prepared[c]
-            qb, sb, bq, eb = _encode(bt, fmt, f"Module {m.name} (up)")
-            qa, sa, aq, ea = _encode(at, fmt, f"Module {m.name} (down)")
-            err, sig = lowrank_error(bt, at, bq, aq, scale, with_signal=True, eb=eb, ea=ea, qb=qb, sb=sb, qa=qa, sa=sa)
-            if best is None or err < best[0]:
-                best = (err, sig, c, bt, at, qb, sb, qa, sa, bq, aq, eb, ea)
+            got = _candidate(*prepared[c], fmt, scale, mode, m.name)
+            if best is None or got.err < best.err:
+                best, chosen = got, c
         prepared = None
-        err, signal, chosen, bt, at, qb, sb, qa, sa, bq, aq, eb, ea = best
-        delta = _delta_stats(signal, err, bt, at, bq, aq, eb, ea, scale, mode)
-        tstats.add(tensor_stats(bt, bq, eb)).add(tensor_stats(at, aq, ea))
-        new.update(up=qb.reshape(up.shape).cpu(), down=qa.reshape(down.shape).cpu())
-        s_total, chosen = sb * sa, _method_label(chosen, r)
+        delta, tstats = best.delta, best.tensors
+        new.update(up=best.qb.reshape(up.shape).cpu(), down=best.qa.reshape(down.shape).cpu())
+        s_total, chosen = best.sb * best.sa, _method_label(chosen, r)
     alpha_new = alpha_old * s_total
     new["alpha"] = _alpha_tensor(alpha_new)
     mod = m.with_tensors(new)

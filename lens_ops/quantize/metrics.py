@@ -119,33 +119,60 @@ def _code_levels(q: torch.Tensor, e: torch.Tensor, s: float, dim: int):
     e = t₁·q₂ + t₂·q₃ + ρ with t₁ = s/254, t₂ = t₁/254, |ρ| ≤ t₂/2, concatenated along `dim` as [q, q₂, q₃];
     d₃ = Σ q₃² per rank component (along `dim`), float64. y − round(y) is exact in floating point, so the
     levels come out in units of t without new roundings."""
-    y = e * (FINE / float(s))
+    return residual_levels(q, e * (1.0 / float(s)), s, dim)
+
+
+def residual_levels(q: torch.Tensor, d: torch.Tensor, s: float, dim: int):
+    """`_code_levels` from the rounding residual in units of the step, d = x/s − q (|d| ≤ ½), which the int8
+    encoder has for free: q₂ = round(254·d), q₃ = round(254·(254·d − q₂)). `q` may be the int8 codes or the
+    rounded floats. d is overwritten. The three levels are written straight into one int8 buffer (no
+    concatenation pass)."""
+    r = q.shape[dim]
+    shape = list(q.shape)
+    shape[dim] = 3 * r
+    out = torch.empty(shape, dtype=torch.int8, device=q.device)
+    part = lambda k: out.narrow(dim, k * r, r)
+    part(0).copy_(q)
+    y = d.mul_(FINE)
     q2 = torch.round(y)
+    part(1).copy_(q2)
     q3 = y.sub_(q2).mul_(FINE).round_()          # |y − q₂| ≤ ½, so |q₃| ≤ 127: no clamp needed for either
+    part(2).copy_(q3)
     t1 = float(s) / FINE
-    out = torch.cat([q, q2.to(torch.int8), q3.to(torch.int8)], dim)
-    return out, (t1, t1 / FINE), q3.mul_(q3).sum(1 - dim).double()
+    return out, (t1, t1 / FINE), q3.square_().sum(1 - dim).double()
 
 
 def _code_grams(qb, eb, sb, qa, ea, sa):
-    """The six r×r blocks of `lowrank_error` from two int8 matrix products (exact int32; with VNNI ~1.6× faster
-    than the four float32 and two int8 products they replace), or None when the platform cannot or a scale is
-    too small for float32 steps (the caller then uses floats).
+    """The six r×r blocks of `lowrank_error` from two int8 matrix products (see `level_grams`), or None when the
+    platform cannot or a scale is too small for float32 steps (the caller then uses floats)."""
+    if not code_grams_apply(qb, qa, sb, sa):
+        return None
+    return level_grams(_code_levels(qb, eb, sb, 1), _code_levels(qa, ea, sa, 0), sb, sa)
 
-    Each factor is written in int8 levels: x = s·q + t₁·q₂ + t₂·q₃ + ρ (`_code_levels`), i.e. its stored code q and
-    two levels of the rounding error E = t₁·q₂ + t₂·q₃ + ρ. One product per side,
+
+def code_grams_apply(qb, qa, sb, sa) -> bool:
+    """Whether `level_grams` can serve this pair: int8 codes, int32 sums that cannot overflow, steps that float32
+    can hold, and a torch with the int8 product."""
+    n, m = qb.shape[0], qa.shape[1]
+    return (qb.dtype == torch.int8 and qa.dtype == torch.int8 and max(n, m) <= INT_GRAM_MAX_ROWS
+            and hasattr(torch, "_int_mm") and MIN_STEP < float(sb) and MIN_STEP < float(sa))
+
+
+def level_grams(levels_b, levels_a, sb, sa):
+    """The six r×r blocks of `lowrank_error` from two int8 matrix products (exact int32; with VNNI ~1.6× faster
+    than the four float32 and two int8 products they replace), or None when the platform's int8 product fails.
+    `levels_b`/`levels_a` are `residual_levels` of b (along dim 1) and of a (along dim 0).
+
+    Each factor is written in int8 levels: x = s·q + t₁·q₂ + t₂·q₃ + ρ (`residual_levels`), i.e. its stored code q
+    and two levels of the rounding error E = t₁·q₂ + t₂·q₃ + ρ. One product per side,
     [q, q₂, q₃]ᵀ·[q, q₂] for b (and its transpose form for a), holds every block needed:
     - b̂ᵀb̂ = s²·qᵀq exactly; E_bᵀb̂ = s·(t₁·q₂ᵀq + t₂·q₃ᵀq), up to ρ, 254⁻² of E;
     - E_bᵀE_b = t₁²·q₂ᵀq₂ + t₁t₂·(q₃ᵀq₂ + q₂ᵀq₃) + t₂²·diag(q₃ᵀq₃): of the last block (≈ 254⁻² of the whole)
       only its diagonal (Σ q₃² per component, one pass) is kept: the rest are sums of uncorrelated terms.
     The error energy is then accurate to ~10⁻⁶ of itself (tested against dense float64 ΔW)."""
-    n, m = qb.shape[0], qa.shape[1]
-    if (qb.dtype != torch.int8 or qa.dtype != torch.int8 or max(n, m) > INT_GRAM_MAX_ROWS
-            or not hasattr(torch, "_int_mm") or not (MIN_STEP < float(sb) and MIN_STEP < float(sa))):
-        return None
-    r = qb.shape[1]
-    mb, (tb1, tb2), db3 = _code_levels(qb, eb, sb, 1)
-    ma, (ta1, ta2), da3 = _code_levels(qa, ea, sa, 0)
+    mb, (tb1, tb2), db3 = levels_b
+    ma, (ta1, ta2), da3 = levels_a
+    r = mb.shape[1] // 3
     try:
         g = torch._int_mm(mb.transpose(0, 1), mb[:, :2 * r])        # rows [q, q₂, q₃] × columns [q, q₂]
         h = torch._int_mm(ma[:2 * r], ma.transpose(0, 1))           # rows [q; q₂] × columns [q; q₂; q₃]
@@ -167,6 +194,15 @@ def _code_grams(qb, eb, sb, qa, ea, sa):
     h_ae = h_qe + h_ee                                                  # a·E_aᵀ = (â + E_a)·E_aᵀ
     h_aa = h_qq + h_qe + h_qe.transpose(0, 1) + h_ee                    # (â + E_a)(â + E_a)ᵀ
     return g_ee, g_eq, g_qq, h_aa, h_ee, h_ae
+
+
+def error_from_blocks(blocks, scale: float) -> tuple[float, float]:
+    """(‖scale·(b@a − b̂@â)‖², ‖scale·b@a‖²) from the six Gram blocks (see `lowrank_error`)."""
+    g_ee, g_eq, g_qq, h_aa, h_ee, h_ae = blocks
+    err = float((g_ee * h_aa).sum() + (g_qq * h_ee).sum() + 2 * (g_eq * h_ae).sum())
+    err = max(err, 0.0) * scale * scale
+    g_bb = g_qq + g_eq + g_eq.transpose(0, 1) + g_ee  # bᵀb = (bq+E)ᵀ(bq+E)
+    return err, max(float((g_bb * h_aa).sum()), 0.0) * scale * scale
 
 
 def lowrank_error(b, a, bq, aq, scale: float, with_signal: bool = False, eb=None, ea=None, qb=None, sb=None,
@@ -200,12 +236,8 @@ def lowrank_error(b, a, bq, aq, scale: float, with_signal: bool = False, eb=None
         g_ee, g_eq, g_qq = ebt @ eb, ebt @ bq, bq.transpose(0, 1) @ bq
         h_aa, h_ee, h_ae = a @ a.transpose(0, 1), ea @ ea.transpose(0, 1), a @ ea.transpose(0, 1)
         g_ee, g_eq, g_qq, h_aa, h_ee, h_ae = (t.to(d) for t in (g_ee, g_eq, g_qq, h_aa, h_ee, h_ae))
-    err = float((g_ee * h_aa).sum() + (g_qq * h_ee).sum() + 2 * (g_eq * h_ae).sum())
-    err = max(err, 0.0) * scale * scale
-    if not with_signal:
-        return err
-    g_bb = g_qq + g_eq + g_eq.transpose(0, 1) + g_ee  # bᵀb = (bq+E)ᵀ(bq+E)
-    return err, max(float((g_bb * h_aa).sum()), 0.0) * scale * scale
+    err, signal = error_from_blocks((g_ee, g_eq, g_qq, h_aa, h_ee, h_ae), scale)
+    return (err, signal) if with_signal else err
 
 
 SAMPLE_ROWS = 16  # ΔW rows per module behind the default (sampled) MAE and max error
@@ -235,6 +267,33 @@ def row_sample_stats(b, a, bq, aq, scale: float, eb=None, ea=None, k: int = SAMP
     lo, hi = torch.aminmax(rows)
     s = abs(scale)
     return Stats(0.0, 0.0, float(rows.abs().sum()) * s, max(-float(lo), float(hi)) * s, 0,
+                 abs_count=rows.numel(), sampled=idx is not None)
+
+
+def residual_stats(x: torch.Tensor, d: torch.Tensor, s: float) -> Stats:
+    """`tensor_stats` of x against its int8 codes from the encoder's residual d = x/s − q (e = s·d): the error
+    sums scale out of the reductions, so no dequantized copy is formed."""
+    w = torch.float64 if x.numel() <= SMALL or x.dtype == torch.float64 else torch.float32
+    if not x.numel():
+        return Stats(0.0, 0.0, 0.0, 0.0, 0)
+    xf, df = x.reshape(-1).to(w), d.reshape(-1).to(w)
+    lo, hi = torch.aminmax(df)
+    return Stats(float(torch.dot(xf, xf)), float(torch.dot(df, df)) * s * s, float(df.abs().sum()) * s,
+                 max(-float(lo), float(hi)) * s, x.numel())
+
+
+def residual_row_stats(qb, db, sb: float, a, da, sa: float, scale: float, k: int = SAMPLE_ROWS) -> Stats:
+    """`row_sample_stats` from the int8 encoder's residuals (b̂ = s_b·q_b, E_b = s_b·d_b, E_a = s_a·d_a):
+    the sampled rows of ΔW − ΔŴ = E_b@a + b̂@E_a = s_b·(d_b@a + s_a·q_b@d_a), exactly (float rounding)."""
+    idx = sample_rows(qb.shape[0], k)
+    dbs, qbs = (db, qb) if idx is None else (db[idx], qb[idx])
+    rows = dbs @ a
+    rows.addmm_(qbs.to(a.dtype), da, alpha=float(sa))
+    if not rows.numel():
+        return Stats(0.0, 0.0, 0.0, 0.0, 0, abs_count=0)
+    lo, hi = torch.aminmax(rows)
+    f = abs(scale) * float(sb)
+    return Stats(0.0, 0.0, float(rows.abs().sum()) * f, max(-float(lo), float(hi)) * f, 0,
                  abs_count=rows.numel(), sampled=idx is not None)
 
 
