@@ -25,8 +25,8 @@ from ..kinds.lora import fold_mid
 from ..model import DTYPE_NAMES, LoRAModule
 from . import transforms
 from .codec import FORMATS, check_finite, decode, encode
-from .metrics import (SMALL, Stats, code_grams_apply, dense_stats, error_from_blocks, level_grams, lowrank_error,
-                      residual_levels, residual_row_stats, residual_stats, row_sample_stats, tensor_stats)
+from .metrics import (SMALL, Stats, dense_stats, error_from_blocks, level_grams, level_route_ok, lowrank_error,
+                      residual_abs, residual_levels, residual_row_stats, row_sample_stats, tensor_stats)
 
 FOLDABLE = ("lora", "loha", "lokr")
 PREDICT_MARGIN_DB = 3.0
@@ -161,9 +161,10 @@ def _residual_code(x: torch.Tensor, where: str):
 
 def _int8_candidate(bt, at, scale: float, mode: str, name: str) -> _Candidate | None:
     """The int8 route in as few passes over the factors as possible: the encoder's residual d = x/s − q gives the
-    stored-tensor stats, the sampled ΔW rows and the two finer int8 levels of the rounding error that the exact
-    ΔW error needs (metrics.level_grams), with no dequantized copy and no separate error tensor. None when it
-    does not apply (small modules: float64 metrics; a zero factor; a step too small for float32)."""
+    sampled ΔW rows, the stored-tensor MAE / max error and the two finer int8 levels of the rounding error that the
+    exact ΔW error needs (metrics.level_grams, whose block traces are also Σx² and Σe² of the stored tensors), with
+    no dequantized copy and no separate error tensor. None when it does not apply (small modules: float64 metrics;
+    a zero factor; a step too small for float32)."""
     if bt.numel() + at.numel() <= SMALL or bt.dtype != torch.float32:
         return None
     cb = _residual_code(bt, f"Module {name} (up)")
@@ -171,15 +172,22 @@ def _int8_candidate(bt, at, scale: float, mode: str, name: str) -> _Candidate | 
     if ca is None:
         return None
     (fb, sb, db), (fa, sa, da) = cb, ca
-    qb, qa = fb.to(torch.int8), fa.to(torch.int8)
-    if not code_grams_apply(qb, qa, sb, sa):
+    r = bt.shape[1]
+    if not level_route_ok(bt.shape[0], at.shape[1], sb, sa):
         return None
-    tstats = Stats().add(residual_stats(bt, db, sb)).add(residual_stats(at, da, sa))
+    (abs_b, max_b), (abs_a, max_a) = residual_abs(db, sb), residual_abs(da, sa)
     rows = residual_row_stats(fb, db, sb, at, da, sa, scale) if mode == "sampled" else None
-    blocks = level_grams(residual_levels(qb, db, sb, 1), residual_levels(qa, da, sa, 0), sb, sa)
+    lb, la = residual_levels(fb, db, sb, 1), residual_levels(fa, da, sa, 0)
+    blocks = level_grams(lb, la, sb, sa)
     if blocks is None:
         return None
+    qb, qa = lb[0][:, :r].contiguous(), la[0][:r].clone()     # the stored codes: level 0
     err, signal = error_from_blocks(blocks, scale)
+    g_ee, g_eq, g_qq, h_aa, h_ee, _ = blocks
+    tr = lambda x: float(x.diagonal().sum())
+    b_sq = tr(g_qq) + 2 * tr(g_eq) + tr(g_ee)                  # ‖b‖² = ‖b̂ + E_b‖²
+    tstats = Stats().add(Stats(b_sq, tr(g_ee), abs_b, max_b, bt.numel()))
+    tstats.add(Stats(tr(h_aa), tr(h_ee), abs_a, max_a, at.numel()))
     delta = Stats(signal, err, None, None, bt.shape[0] * at.shape[1])
     if rows is not None:
         _take_rows(delta, rows)

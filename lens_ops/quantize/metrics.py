@@ -139,7 +139,7 @@ def residual_levels(q: torch.Tensor, d: torch.Tensor, s: float, dim: int):
     q3 = y.sub_(q2).mul_(FINE).round_()          # |y − q₂| ≤ ½, so |q₃| ≤ 127: no clamp needed for either
     part(2).copy_(q3)
     t1 = float(s) / FINE
-    return out, (t1, t1 / FINE), q3.square_().sum(1 - dim).double()
+    return out, (t1, t1 / FINE), torch.linalg.vecdot(q3, q3, dim=1 - dim).double()
 
 
 def _code_grams(qb, eb, sb, qa, ea, sa):
@@ -153,9 +153,13 @@ def _code_grams(qb, eb, sb, qa, ea, sa):
 def code_grams_apply(qb, qa, sb, sa) -> bool:
     """Whether `level_grams` can serve this pair: int8 codes, int32 sums that cannot overflow, steps that float32
     can hold, and a torch with the int8 product."""
-    n, m = qb.shape[0], qa.shape[1]
-    return (qb.dtype == torch.int8 and qa.dtype == torch.int8 and max(n, m) <= INT_GRAM_MAX_ROWS
-            and hasattr(torch, "_int_mm") and MIN_STEP < float(sb) and MIN_STEP < float(sa))
+    return qb.dtype == torch.int8 and qa.dtype == torch.int8 and level_route_ok(qb.shape[0], qa.shape[1], sb, sa)
+
+
+def level_route_ok(n: int, m: int, sb, sa) -> bool:
+    """`code_grams_apply` for the shapes and steps alone (the codes are made int8 by `residual_levels`)."""
+    return (max(n, m) <= INT_GRAM_MAX_ROWS and hasattr(torch, "_int_mm")
+            and MIN_STEP < float(sb) and MIN_STEP < float(sa))
 
 
 def level_grams(levels_b, levels_a, sb, sa):
@@ -270,16 +274,15 @@ def row_sample_stats(b, a, bq, aq, scale: float, eb=None, ea=None, k: int = SAMP
                  abs_count=rows.numel(), sampled=idx is not None)
 
 
-def residual_stats(x: torch.Tensor, d: torch.Tensor, s: float) -> Stats:
-    """`tensor_stats` of x against its int8 codes from the encoder's residual d = x/s − q (e = s·d): the error
-    sums scale out of the reductions, so no dequantized copy is formed."""
-    w = torch.float64 if x.numel() <= SMALL or x.dtype == torch.float64 else torch.float32
-    if not x.numel():
-        return Stats(0.0, 0.0, 0.0, 0.0, 0)
-    xf, df = x.reshape(-1).to(w), d.reshape(-1).to(w)
+def residual_abs(d: torch.Tensor, s: float) -> tuple[float, float]:
+    """(Σ|e|, max|e|) of a tensor's rounding error e = s·d from the encoder's residual d = x/s − q: the step scales
+    out of the reductions, so no dequantized copy or error tensor is formed. (Σx² and Σe² come from the traces of
+    the Gram blocks: `level_grams`.)"""
+    if not d.numel():
+        return 0.0, 0.0
+    df = d.reshape(-1).to(torch.float64 if d.numel() <= SMALL else d.dtype)
     lo, hi = torch.aminmax(df)
-    return Stats(float(torch.dot(xf, xf)), float(torch.dot(df, df)) * s * s, float(df.abs().sum()) * s,
-                 max(-float(lo), float(hi)) * s, x.numel())
+    return float(df.abs().sum()) * s, max(-float(lo), float(hi)) * s
 
 
 def residual_row_stats(qb, db, sb: float, a, da, sa: float, scale: float, k: int = SAMPLE_ROWS) -> Stats:
