@@ -11,8 +11,6 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Callable, Iterable
 
-import numpy as np
-
 from .. import __version__
 from ..errors import LensError
 from ..training_meta import trigger_words
@@ -22,7 +20,9 @@ from .spec import (DEFAULT_LEVEL, FORMAT_MAJOR, FORMAT_MINOR, MAGIC, MAX_ENTRY_O
                    MAX_NAME_CHARS, MAX_TABLE_BYTES, WINDOWS_RESERVED)
 
 if TYPE_CHECKING:  # the model (and torch) is imported only where an entry becomes a model: listing and
-    from ..model import LoRAModel  # lossless extraction stay torch-free and start fast
+    import numpy as np  # lossless extraction stay torch-free and start fast (numpy: see entry.decode_file)
+
+    from ..model import LoRAModel
 
 Progress = Callable[[int, int], None] | None
 SUFFIX = ".safetensors"
@@ -395,9 +395,10 @@ class Collection:
                 out.append(hit)
         return out
 
-    def extract_bytes(self, entry: dict, verify: bool = True, sink=None) -> np.ndarray:
-        """The entry's file bytes, verified against the recorded sha256 (raises LensError naming it).
-        `sink(view)` receives the bytes in order while they are rebuilt (then verify is the caller's job)."""
+    def extract_bytes(self, entry: dict, verify: bool = True, sink=None) -> np.ndarray | None:
+        """The entry's file bytes (a numpy uint8 array), verified against the recorded sha256 (raises
+        LensError naming it). `sink(view)` receives the bytes in order while they are rebuilt; then verifying
+        is the caller's job, and a lossless entry's bytes are not kept whole (returns None)."""
         what = f"{self.name}: entry {entry.get('name')!r}"
         if self.legacy:
             data = self.legacy.extract_bytes(entry)
@@ -415,7 +416,7 @@ class Collection:
             msg = msg.replace(f"{self.name}: {self.name}: ", f"{self.name}: ")   # (the reader names the file too)
             raise LensError(msg if f"entry {entry.get('name')!r}" in msg
                             else f"{what} is damaged: {msg}") from None
-        if data.size != size or (verify and _sha_of(data) != entry.get("output_sha256")):
+        if data is not None and (data.size != size or (verify and _sha_of(data) != entry.get("output_sha256"))):
             raise LensError(f"{what} is damaged: its rebuilt bytes fail the recorded sha256 checksum.")
         return data
 
@@ -456,15 +457,19 @@ class Collection:
                     raise CannotWrite(f"cannot write into {folder} ({err.strerror or err}).") from None
                 try:
                     h = hashlib.sha256()
+                    nbytes = 0
                     with os.fdopen(fd, "wb", buffering=0) as f:
                         writes = []
 
                         def sink(view):   # hash here, write on another thread, while the rest decodes
-                            writes.append(_HASH_POOL.submit(_write_all, f, memoryview(view)))
-                            h.update(memoryview(view))
+                            nonlocal nbytes
+                            view = memoryview(view)
+                            writes.append(_HASH_POOL.submit(_write_all, f, view))
+                            h.update(view)
+                            nbytes += view.nbytes
 
                         try:
-                            data = self.extract_bytes(e, verify=False, sink=sink)
+                            self.extract_bytes(e, verify=False, sink=sink)
                         finally:
                             for w in writes:
                                 w.result()
@@ -480,7 +485,7 @@ class Collection:
                     if os.path.exists(tmp):
                         os.unlink(tmp)
                     raise
-                written.append({"name": e.get("name"), "path": target, "bytes": int(data.size),
+                written.append({"name": e.get("name"), "path": target, "bytes": nbytes,
                                 "lossless": bool(e.get("lossless")), "sha256": e.get("output_sha256")})
             except LensError as err:
                 damaged.append({"name": e.get("name"), "error": str(err), "exists": isinstance(err, FileInTheWay),

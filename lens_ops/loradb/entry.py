@@ -10,13 +10,20 @@ from __future__ import annotations
 
 import hashlib
 import math
-
-import numpy as np
+import os
+import sys
+import threading
+from bisect import bisect_right
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_all
 
 from ..errors import LensError
 from ..st_header import read_header
-from .codec import _POOL, decode_stream, encode_stream
-from .spec import MAX_ENTRY_OUTPUT, ST_DTYPES
+from .container import inflate
+from .spec import CODEC_RAW, CODEC_ZSTD, ELEM_SIZES, MAX_CHUNK_BYTES, MAX_ENTRY_OUTPUT, ST_DTYPES
+
+# numpy (and codec.py, which needs it) is imported inside the functions that use it: lossless extraction
+# starts inflating an entry's chunks on worker threads first and imports numpy meanwhile (see decode_file)
 
 DEDUP_MIN_BYTES = 64
 
@@ -70,7 +77,7 @@ def mm_product(x, y, dtype):
     return torch.matmul(x, y).to(dtype)
 
 
-CODE_VIEW = {1: np.int8, 2: np.dtype("<i2")}
+CODE_VIEW = {1: "i1", 2: "<i2"}   # numpy dtype names
 
 
 def _finite_step(x) -> float:
@@ -89,6 +96,7 @@ def qlr_build(rows: int, cols: int, axis: int, parts: list, vec, dtype, what: st
     axis 1: `parts` are column blocks of the rows×cols tensor; axis 0: row blocks. `vec(ref, count)` returns
     `count` integer codes. A "v" part is one column/row = code·step (float64); a "qc" part (axis 1 only) is
     a rows×c block = step·((Qcodes·w) @ Ccodes), an exact integer product (bounded below 2^53)."""
+    import numpy as np
     import torch
     bad = LensError(f"{what}: malformed quantised-tensor record.")
     if axis not in (0, 1) or not isinstance(parts, list):
@@ -145,6 +153,9 @@ def encode_file(writer, path: str, dedup: DedupIndex | None, level: int,
     """Encode the safetensors file at `path`; returns (entry table, stats). `computed` maps tensor names
     to products of stored operands ({"x": op, "y": op}, op = ref + "scale" ref|None + "T"): those
     tensors are not stored but recomputed at extraction (shared-basis coding)."""
+    import numpy as np
+
+    from .codec import encode_stream
     computed = computed or {}
     tensors, _meta, data_start = read_header(path)
     with open(path, "rb") as f:
@@ -237,7 +248,7 @@ def encode_file(writer, path: str, dedup: DedupIndex | None, level: int,
     return table, {"dedup_bytes": dup_bytes, "sha256": hashlib.sha256(raw).hexdigest(), "size": len(raw)}
 
 
-_VIEW = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
+_VIEW = {1: "u1", 2: "u2", 4: "u4", 8: "u8"}   # native-order unsigned views (numpy dtype names)
 
 
 def _move(job):
@@ -262,11 +273,13 @@ def _move_batch(batch):
         _move(job[1:])
 
 
-def decode_file(reader, table: dict, what: str, cap: int, sink=None) -> np.ndarray:
-    """Rebuild the exact file bytes of an entry table (bounds checked; caller verifies the checksum).
+def decode_file(reader, table: dict, what: str, cap: int, sink=None):
+    """Rebuild the exact file bytes of an entry table (bounds checked; caller verifies the checksum);
+    returns them as a numpy uint8 array.
 
     `sink(view)`, when given, receives the file's bytes in order, piece by piece, as soon as each piece
-    is final (so hashing and writing overlap the decoding)."""
+    is final (so hashing and writing overlap the decoding); then an entry of stored tensors (lossless)
+    is never held whole in memory and None is returned."""
     if not isinstance(table, dict):
         raise LensError(f"{what}: malformed entry table.")
     header, data_start, size = table.get("header"), table.get("data_start"), table.get("size")
@@ -277,6 +290,286 @@ def decode_file(reader, table: dict, what: str, cap: int, sink=None) -> np.ndarr
     hb = header.encode("utf-8")
     if len(hb) != data_start - 8:
         raise LensError(f"{what}: the stored safetensors header has the wrong length.")
+    plan = _plain_plan(reader, streams, segments, data_start, size, what)
+    if plan is not None:
+        return _decode_plain(plan, hb, data_start, size, sink)
+    return _decode_general(reader, streams, segments, hb, data_start, size, what, sink)
+
+
+# ------------------------------------------------------------------ lossless entries: batch by batch
+INFLATE_AHEAD = 32 << 20      # decompressed bytes the workers may inflate ahead of the batch being built
+BATCHES_AHEAD = 4             # batches built ahead of the one `sink` is consuming (their buffers get reused)
+LITTLE = sys.byteorder == "little"
+_DECODE_POOL = ThreadPoolExecutor(max_workers=max(2, min(4, os.cpu_count() or 2)),
+                                  thread_name_prefix="loradb-decode")
+
+
+def _chunk_bounds(desc, what: str):
+    """(e, n, per-chunk element counts) of a stream whose planes are cut at the same places (what the
+    writer always does), None for any other well-formed stream; a malformed record raises (the same
+    checks and sentences as codec.check_stream)."""
+    if not isinstance(desc, dict):
+        raise LensError(f"{what}: malformed stream record.")
+    e, n, planes, base = desc.get("e"), desc.get("n"), desc.get("planes"), desc.get("base", 0)
+    if not _int(e, 1, 8) or not _int(n):
+        raise LensError(f"{what}: malformed stream record.")
+    if not _int(base) or e not in ELEM_SIZES or not isinstance(planes, list) or len(planes) != e:
+        raise LensError(f"{what}: malformed stream record.")
+    bounds = []
+    for p in planes:
+        if not isinstance(p, list):
+            raise LensError(f"{what}: malformed stream record.")
+        total = 0
+        for c in p:
+            if (not isinstance(c, list) or len(c) != 4 or not all(isinstance(x, int) for x in c[:3])
+                    or c[2] < 0 or c[2] > MAX_CHUNK_BYTES or c[3] not in (CODEC_RAW, CODEC_ZSTD)):
+                raise LensError(f"{what}: malformed chunk record.")
+            total += c[2]
+        if total != n:
+            raise LensError(f"{what}: its chunks hold {total} bytes per plane, the stream declares {n}.")
+        bounds.append([c[2] for c in p])
+    if any(b != bounds[0] for b in bounds):
+        return None
+    return e, n, bounds[0]
+
+
+class _Plan:
+    """A lossless entry cut into batches: contiguous ranges of the file (~MOVE_BATCH bytes, whole tensors),
+    each built by one task from the stream chunks it needs."""
+
+    def __init__(self, what: str):
+        self.what = what                     # how inflate errors name the entry
+        self.streams: dict[int, tuple] = {}  # stream id → (e, chunk element prefix sums)
+        self.batches: list[dict] = []        # {"start", "end", "ops", "chunks"}
+        self.chunks: dict[tuple, list] = {}  # (stream id, chunk) → plane sources (bytes/memoryview, or
+                                             # (raw_len, stored) to inflate), then what the batches read
+        self.users: dict[tuple, int] = {}    # (stream id, chunk) → batches still to read it
+        self.head = b""                      # the file's first bytes: u64 header length + header
+
+
+def _plain_plan(reader, streams: list, segments: list, data_start: int, size: int, what: str):
+    """Check every segment and stream record of an entry made of stored tensors only, read (bounds
+    checked) the chunks it uses and lay out the batches; None when the entry has computed tensors or a
+    stream whose planes are cut differently (decode_file's general path handles those)."""
+    total = size - data_start
+    plan = _Plan(f"{reader.name}: {what}")
+    infos: dict[int, tuple] = {}
+    budget = 16 * size + 2**30
+    ops, used = [], set()
+    pos = 0
+    start = 0                                   # the first batch also holds the safetensors header
+
+    def close_batch(end):
+        nonlocal ops, used, start
+        plan.batches.append({"start": start, "end": end, "ops": ops, "chunks": sorted(used)})
+        for key in used:
+            plan.users[key] = plan.users.get(key, 0) + 1
+        ops, used, start = [], set(), end
+
+    for seg in segments:
+        if isinstance(seg, list) and len(seg) == 8 and seg[2] in ("qlr", "mm"):
+            return None
+        if (not isinstance(seg, list) or len(seg) < 6 or not _int(seg[0]) or not _int(seg[1]) or seg[0] != pos
+                or not _int(seg[2], 0, len(streams) - 1) or not _int(seg[3]) or not _int(seg[4]) or not _int(seg[5])):
+            raise LensError(f"{what}: malformed or out-of-order segment record.")
+        o0, n, sid, s0, rows, cols = seg[:6]
+        if o0 + n > total:
+            raise LensError(f"{what}: a tensor runs past the end of the entry.")
+        info = infos.get(sid)
+        if info is None:
+            info = _chunk_bounds(streams[sid], what)
+            if info is None:
+                return None
+            e, cnt, bounds = info
+            budget -= e * cnt
+            if budget < 0:
+                raise LensError(f"{what}: its streams declare far more data than the entry holds.")
+            prefix = [0]
+            for b in bounds:
+                prefix.append(prefix[-1] + b)
+            info = infos[sid] = (e, cnt, prefix)
+            plan.streams[sid] = (e, prefix)
+        e, cnt, prefix = info
+        if n % e or (s0 + n // e) * e > cnt * e:
+            raise LensError(f"{what}: a tensor's stored range lies outside its stream.")
+        if rows and rows * cols * e != n:
+            raise LensError(f"{what}: a transposed tensor's shape does not match its size.")
+        pos = o0 + n
+        s1 = s0 + n // e
+        if s1 > s0:
+            dst = data_start + o0 - start
+            last = ops[-1] if ops else None
+            if not rows and last and last[0] == "d" and last[1] == sid and last[3] == s0 \
+                    and last[4] + (last[3] - last[2]) * e == dst:
+                ops[-1] = ("d", sid, last[2], s1, last[4])   # consecutive plain tensors: one copy
+            else:
+                ops.append(("t", sid, s0, s1, dst, rows, cols) if rows else ("d", sid, s0, s1, dst))
+            k = bisect_right(prefix, s0) - 1
+            while prefix[k] < s1:
+                if prefix[k + 1] > prefix[k]:
+                    used.add((sid, k))
+                k += 1
+        if data_start + pos - start >= MOVE_BATCH:
+            close_batch(data_start + pos)
+    if pos != total:
+        raise LensError(f"{what}: its tensors do not cover the whole file.")
+    if start < size or not plan.batches:
+        close_batch(size)
+    # read (bounds checked) the chunks the entry uses; only those are inflated
+    for sid, k in plan.users:
+        desc = streams[sid]
+        base = desc.get("base", 0)
+        sources = []
+        for p in desc["planes"]:
+            c = p[k]
+            data = reader.read(base + c[0], c[1], what)
+            if c[3] == CODEC_RAW and c[1] != c[2]:
+                raise LensError(f"{reader.name}: {what} is corrupt (raw chunk size mismatch).")
+            sources.append(data if c[3] == CODEC_RAW else (c[2], data))
+        plan.chunks[(sid, k)] = sources
+    return plan
+
+
+def _inflate_into(sources: list, i: int, raw_len: int, data, what: str) -> None:
+    sources[i] = inflate(data, raw_len, MAX_CHUNK_BYTES, what)
+
+
+def _interleave(np, dst, planes: list, a: int, b: int, e: int) -> None:
+    """dst (uint8, (b-a)·e bytes) ← elements a..b of a chunk whose byte planes are `planes`."""
+    if e == 1:
+        dst[...] = planes[0][a:b]
+    elif e == 2 and LITTLE:   # fp16/bf16: (high byte << 8) | low byte, one pass each
+        d16 = dst.view(np.uint16)
+        np.left_shift(planes[1][a:b], 8, out=d16, dtype=np.uint16)
+        np.bitwise_or(d16, planes[0][a:b], out=d16)
+    else:
+        d2 = dst.reshape(b - a, e)
+        for j in range(e):
+            d2[:, j] = planes[j][a:b]
+
+
+def _build_batch(plan: _Plan, batch: dict, buf, pending: dict, lock, gate):
+    """Fill `buf` (the batch's bytes) from its chunks; `gate` (when given) holds the task back until
+    the batches before it have been consumed far enough that their buffers can be reused."""
+    import numpy as np
+    if gate is not None:
+        gate()
+        buf = np.empty(batch["end"] - batch["start"], np.uint8)
+    planes = {}
+    for key in batch["chunks"]:
+        for f in pending.get(key, ()):
+            f.result()                      # its inflating tasks (queued before this one)
+        planes[key] = [np.frombuffer(s, dtype=np.uint8) for s in plan.chunks[key]]
+    if batch["start"] == 0:
+        buf[:len(plan.head)] = np.frombuffer(plan.head, dtype=np.uint8)
+    for op in batch["ops"]:
+        sid, s0, s1, dst = op[1], op[2], op[3], op[4]
+        e, prefix = plan.streams[sid]
+        if op[0] == "d":
+            target, off = buf, dst
+        else:
+            target, off = np.empty((s1 - s0) * e, np.uint8), 0   # stored transposed: gather, then place
+        k = bisect_right(prefix, s0) - 1
+        while prefix[k] < s1:
+            a, b = max(s0, prefix[k]), min(s1, prefix[k + 1])
+            if b > a:
+                m = (b - a) * e
+                _interleave(np, target[off:off + m], planes[(sid, k)], a - prefix[k], b - prefix[k], e)
+                off += m
+            k += 1
+        if op[0] == "t":
+            rows, cols = op[5], op[6]
+            d = buf[dst:dst + rows * cols * e]   # (numpy copies unaligned elements correctly too)
+            d.view(_VIEW[e]).reshape(rows, cols)[...] = target.view(_VIEW[e]).reshape(cols, rows).T
+    del planes
+    with lock:   # the last batch to read a chunk lets its inflated bytes go
+        for key in batch["chunks"]:
+            plan.users[key] -= 1
+            if plan.users[key] == 0:
+                del plan.chunks[key]
+    return buf
+
+
+def _decode_plain(plan: _Plan, hb: bytes, data_start: int, size: int, sink):
+    """Workers inflate the chunks (zstd releases the GIL) while this thread imports numpy, then build the
+    batches; this thread hands each batch to `sink` in file order as soon as it is built. With a sink,
+    each batch has its own buffer and at most BATCHES_AHEAD batches are built ahead of the one the sink
+    takes (freed buffers are reused, no whole-file buffer is touched; returns None). Without one, the
+    batches are built in one array of the whole file, which is returned.
+    Inflating runs at most INFLATE_AHEAD bytes ahead of the batches queued (bounded memory). The task
+    queue is FIFO and a task waits only for tasks queued before it (or, gated, for earlier batches to be
+    consumed by this thread), so the pool cannot deadlock."""
+    plan.head = (data_start - 8).to_bytes(8, "little") + hb
+    order, seen, need_upto = [], set(), []   # inflating tasks, in the order the batches need their chunks
+    for batch in plan.batches:
+        for key in batch["chunks"]:
+            if key not in seen:
+                seen.add(key)
+                order += [(key, i, s) for i, s in enumerate(plan.chunks[key]) if isinstance(s, tuple)]
+        need_upto.append(len(order))
+    cum = [0]
+    for _, _, (raw_len, _) in order:
+        cum.append(cum[-1] + raw_len)
+    pending: dict[tuple, list] = {}
+    every: list = []
+    nxt = 0
+    consumed = [0]
+    cond = threading.Condition()
+
+    def submit_inflates(required: int):
+        nonlocal nxt
+        while nxt < len(order) and (nxt < required or cum[nxt] < cum[required] + INFLATE_AHEAD):
+            key, i, (raw_len, data) = order[nxt]
+            fut = _DECODE_POOL.submit(_inflate_into, plan.chunks[key], i, raw_len, data, plan.what)
+            pending.setdefault(key, []).append(fut)
+            every.append(fut)
+            nxt += 1
+
+    def gate_for(b):
+        def gate():
+            with cond:
+                cond.wait_for(lambda: consumed[0] >= b - BATCHES_AHEAD)
+        return gate
+
+    try:
+        submit_inflates(0)
+        import numpy as np   # (while the first chunks inflate)
+        lock = threading.Lock()
+        out = np.empty(size, dtype=np.uint8) if sink is None else None
+        built = []
+        for b, batch in enumerate(plan.batches):
+            submit_inflates(need_upto[b])
+            built.append(_DECODE_POOL.submit(
+                _build_batch, plan, batch, out[batch["start"]:batch["end"]] if out is not None else None,
+                pending, lock, gate_for(b) if out is None else None))
+        every += built
+        for b in range(len(built)):
+            buf = built[b].result()
+            built[b] = None
+            if sink is not None:
+                sink(buf)
+                del buf
+                with cond:
+                    consumed[0] = b + 1
+                    cond.notify_all()
+        return out
+    except BaseException:
+        with cond:
+            consumed[0] = len(plan.batches)   # gated tasks may go on (and end)
+            cond.notify_all()
+        for f in every:
+            f.cancel()
+        wait_all(every)
+        raise
+
+
+def _decode_general(reader, streams: list, segments: list, hb: bytes, data_start: int, size: int, what: str,
+                    sink=None):
+    """decode_file for entries with computed (lossy) tensors or unusually cut streams: whole streams are
+    decoded first (codec.decode_stream), then tensors are computed or moved into place."""
+    import numpy as np
+
+    from .codec import _POOL, decode_stream
     out = np.empty(size, dtype=np.uint8)
     out[:8] = np.frombuffer((data_start - 8).to_bytes(8, "little"), dtype=np.uint8)
     out[8:data_start] = np.frombuffer(hb, dtype=np.uint8)
