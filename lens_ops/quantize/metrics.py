@@ -139,7 +139,7 @@ def residual_levels(q: torch.Tensor, d: torch.Tensor, s: float, dim: int):
     q3 = y.sub_(q2).mul_(FINE).round_()          # |y − q₂| ≤ ½, so |q₃| ≤ 127: no clamp needed for either
     part(2).copy_(q3)
     t1 = float(s) / FINE
-    return out, (t1, t1 / FINE), torch.linalg.vecdot(q3, q3, dim=1 - dim).double()
+    return out, (t1, t1 / FINE), q3.square_().sum(1 - dim).double()
 
 
 def _code_grams(qb, eb, sb, qa, ea, sa):
