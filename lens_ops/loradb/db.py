@@ -13,7 +13,6 @@ from typing import TYPE_CHECKING, Callable, Iterable
 
 from .. import __version__
 from ..errors import LensError
-from ..training_meta import trigger_words
 from .container import Reader, Writer, clean_text, loads_json, make_folder, new_file_mode
 from .entry import DedupIndex, decode_file, encode_file
 from .spec import (DEFAULT_LEVEL, FORMAT_MAJOR, FORMAT_MINOR, MAGIC, MAX_ENTRY_OUTPUT, MAX_NAME_BYTES,
@@ -63,6 +62,7 @@ def entry_name(name) -> str:
 # ------------------------------------------------------------------ describing an entry
 def describe_model(model: LoRAModel) -> dict:
     from ..model import DTYPE_NAMES
+    from ..training_meta import trigger_words
     ranks = Counter(r for m in model.modules if (r := m.rank()) is not None)
     dtypes = Counter()
     for m in model.modules:

@@ -18,7 +18,6 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_all
 
 from ..errors import LensError
-from ..st_header import read_header
 from .container import inflate
 from .spec import CODEC_RAW, CODEC_ZSTD, ELEM_SIZES, MAX_CHUNK_BYTES, MAX_ENTRY_OUTPUT, ST_DTYPES
 
@@ -155,6 +154,7 @@ def encode_file(writer, path: str, dedup: DedupIndex | None, level: int,
     tensors are not stored but recomputed at extraction (shared-basis coding)."""
     import numpy as np
 
+    from ..st_header import read_header
     from .codec import encode_stream
     computed = computed or {}
     tensors, _meta, data_start = read_header(path)
