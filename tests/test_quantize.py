@@ -315,6 +315,11 @@ def _big_decaying_lora(seed=21):
         name = f"lora_unet_big_{i}"
         sd[name + ".lora_up.weight"], sd[name + ".lora_down.weight"] = up, down
         sd[name + ".alpha"] = torch.tensor(float(r) / 2)
+    # a LoCon conv module (up 320×32×1×1, down 32×320×3×3): the int8 route on a flattened kernel
+    up, down = spectrum_factors(320, 320 * 9, 32, g, eff_rank=6.0, decay=0.5, magnitude=0.01)
+    sd["lora_unet_big_conv.lora_up.weight"] = up.reshape(320, 32, 1, 1)
+    sd["lora_unet_big_conv.lora_down.weight"] = down.reshape(32, 320, 3, 3)
+    sd["lora_unet_big_conv.alpha"] = torch.tensor(16.0)
     return sd
 
 
