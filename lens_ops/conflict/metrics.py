@@ -239,34 +239,52 @@ def module_metrics(ma, mb, device="cpu", dtype=torch.float32) -> dict | None:
 
 # ---------------------------------------------------------------- batched route (many modules of one shape)
 
-def _bases_batch(g: torch.Tensor):
-    """Batched `_basis`: g is K×r×r (float64). Returns (W, k) with W K×r×r (dropped directions as zero
-    columns, so products with W ignore them) and k the kept dimension per module. Same rule as `_basis`:
-    Cholesky when its diagonal is well conditioned, else an eigen-decomposition dropping directions with
-    singular value below REL_TOL of the largest."""
-    n_mod, r, _ = g.shape
-    w = torch.zeros_like(g)
-    k = torch.full((n_mod,), r, dtype=torch.long, device=g.device)
-    if r == 0 or n_mod == 0:
-        return w, k
-    l, info = torch.linalg.cholesky_ex(g)
-    d = l.diagonal(dim1=-2, dim2=-1)
-    ok = (info == 0) & torch.isfinite(d).all(-1)
-    ok &= d.min(-1).values > REL_TOL * d.max(-1).values
-    good = ok.nonzero().squeeze(1)
-    if good.numel():
-        eye = torch.eye(r, dtype=g.dtype, device=g.device).expand(good.numel(), r, r)
-        w[good] = torch.linalg.solve_triangular(l[good], eye, upper=False).transpose(-1, -2)
-    bad = (~ok).nonzero().squeeze(1)
-    if bad.numel():
-        lam, v = torch.linalg.eigh(g[bad])
+class _Bases:
+    """Batched `_basis` of K Gram matrices g (K×r×r, float64), kept as what is cheapest to apply: Q = X·W with
+    W = L⁻ᵀ (L the Cholesky factor) where that is well conditioned — applied by triangular solves, never formed —
+    and, for the others, an eigen-decomposition that drops the directions with singular value below REL_TOL of
+    the largest (W = V·Λ^-½, dropped directions as zero columns). `k` is the kept dimension per module."""
+
+    def __init__(self, g: torch.Tensor):
+        n_mod, r, _ = g.shape
+        self.k = torch.full((n_mod,), r, dtype=torch.long, device=g.device)
+        self.l = self.w = None
+        self.good = self.bad = None
+        if r == 0 or n_mod == 0:
+            self.w = torch.zeros_like(g)
+            return
+        l, info = torch.linalg.cholesky_ex(g)
+        d = l.diagonal(dim1=-2, dim2=-1)
+        ok = (info == 0) & torch.isfinite(d).all(-1)
+        ok &= d.min(-1).values > REL_TOL * d.max(-1).values
+        if bool(ok.all()):
+            self.l = l
+            return
+        self.good, self.bad = ok.nonzero().squeeze(1), (~ok).nonzero().squeeze(1)
+        self.l = l[self.good]
+        lam, v = torch.linalg.eigh(g[self.bad])
         top = lam.max(-1).values.clamp_min(0)
         keep = (lam > (REL_TOL ** 2) * top[:, None]) & (top[:, None] > 0)
-        inv = torch.where(keep, lam.clamp_min(torch.finfo(g.dtype).tiny).rsqrt(), torch.zeros((), dtype=g.dtype,
-                                                                                               device=g.device))
-        w[bad] = v * inv[:, None, :]
-        k[bad] = keep.sum(-1)
-    return w, k
+        inv = torch.where(keep, lam.clamp_min(torch.finfo(g.dtype).tiny).rsqrt(),
+                          torch.zeros((), dtype=g.dtype, device=g.device))
+        self.w = v * inv[:, None, :]
+        self.k[self.bad] = keep.sum(-1)
+
+    def wt(self, m: torch.Tensor) -> torch.Tensor:
+        """Wᵀ·m for every module of the batch (m: K×r×c): L⁻¹·m by a triangular solve, or Wᵀ·m."""
+        if self.good is None:
+            if self.l is None:
+                return self.w.mT @ m
+            return torch.linalg.solve_triangular(self.l, m, upper=False)
+        out = torch.empty_like(m)
+        if self.good.numel():
+            out[self.good] = torch.linalg.solve_triangular(self.l, m[self.good], upper=False)
+        out[self.bad] = self.w.mT @ m[self.bad]
+        return out
+
+    def right(self, m: torch.Tensor) -> torch.Tensor:
+        """m·W for every module of the batch (m: K×c×r)."""
+        return self.wt(m.mT).mT
 
 
 def lowrank_metrics_batch(b1, a1, b2, a2, s1, s2) -> list[dict]:
@@ -309,17 +327,14 @@ def _batch_from_grams(gb11, gb12, gb22, ga11, ga12, ga22, s1, s2, n, m) -> list[
     sq1 = (gb11 * ga11).sum((1, 2)).clamp_min(0)
     sq2 = (gb22 * ga22).sum((1, 2)).clamp_min(0)
     inner = s1t * s2t * (gb12 * ga12).sum((1, 2))
-    wb1, kb1 = _bases_batch(gb11)
-    wb2, kb2 = _bases_batch(gb22)
-    wa1, ka1 = _bases_batch(ga11)
-    wa2, ka2 = _bases_batch(ga22)
-    mb, ma = gb12 @ wb2, ga12 @ wa2                      # B₁ᵀQ_b2, A₁Q_a2 (r1×r2)
-    col = (wb1.mT @ mb).pow(2).sum((1, 2))               # ‖Q_b1ᵀQ_b2‖²
-    row = (wa1.mT @ ma).pow(2).sum((1, 2))
-    p12 = (mb.mT @ ma).pow(2).sum((1, 2))                # ‖Q_b2ᵀ B₁A₁ Q_a2‖²
-    p21 = ((gb12.mT @ wb1).mT @ (ga12.mT @ wa1)).pow(2).sum((1, 2))   # ‖Q_b1ᵀ B₂A₂ Q_a1‖²
+    b1, b2, a1, a2 = _Bases(gb11), _Bases(gb22), _Bases(ga11), _Bases(ga22)
+    mb, ma = b2.right(gb12), a2.right(ga12)               # B₁ᵀQ_b2, A₁Q_a2 (r1×r2)
+    col = b1.wt(mb).pow(2).sum((1, 2))                    # ‖Q_b1ᵀQ_b2‖²
+    row = a1.wt(ma).pow(2).sum((1, 2))
+    p12 = (mb.mT @ ma).pow(2).sum((1, 2))                 # ‖Q_b2ᵀ B₁A₁ Q_a2‖²
+    p21 = (b1.wt(gb12) @ a1.wt(ga12).mT).pow(2).sum((1, 2))   # ‖(Q_b1ᵀB₂)(A₂Q_a1)‖² = ‖Q_b1ᵀ B₂A₂ Q_a1‖²
     rows = torch.stack([sq1, sq2, inner, col, row, p12, p21]).T.tolist()
-    ks = torch.stack([kb1, kb2, ka1, ka2]).T.tolist()
+    ks = torch.stack([b1.k, b2.k, a1.k, a2.k]).T.tolist()
     out = []
     for (q1, q2, inn, c2, r2, e12, e21), (k_b1, k_b2, k_a1, k_a2), x1, x2 in zip(rows, ks, s1, s2):
         n1, n2 = abs(x1) * math.sqrt(q1), abs(x2) * math.sqrt(q2)
