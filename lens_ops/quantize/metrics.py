@@ -117,8 +117,8 @@ MIN_STEP = 1e-30  # below this, 254²/step overflows float32: such (near-zero) f
 def _code_levels(q: torch.Tensor, e: torch.Tensor, s: float, dim: int):
     """(M, (t₁, t₂), d₃): the stored int8 codes q and two finer int8 levels of its rounding error e (|e| ≤ s/2),
     e = t₁·q₂ + t₂·q₃ + ρ with t₁ = s/254, t₂ = t₁/254, |ρ| ≤ t₂/2, concatenated along `dim` as [q, q₂, q₃];
-    d₃ = Σ q₃² per rank component (along `dim`), float64. y − round(y) is exact in floating point, so the
-    levels come out in units of t without new roundings."""
+    d₃ = Σ q₃² per rank component (along `dim`), float64. (The quantizer's own route, fold._int8_candidate, builds
+    them from its residual x/s − q directly; this form is for callers that hold e = x − s·q.)"""
     return residual_levels(q, e * (1.0 / float(s)), s, dim)
 
 
