@@ -39,12 +39,14 @@ def _odd_file(path):
     return str(path)
 
 
-@pytest.fixture
-def small_chunks(monkeypatch):
-    """Chunks of 1 KiB per plane and batches of 4 KiB: tensors cross chunk and batch boundaries."""
+@pytest.fixture(params=["bytes", "into"])
+def small_chunks(monkeypatch, request):
+    """Chunks of 1 KiB per plane and batches of 4 KiB: tensors cross chunk and batch boundaries; chunks are
+    inflated to new bytes objects, or (as 4 MiB chunks are) into numpy buffers once numpy is imported."""
     monkeypatch.setattr(codec, "CHUNK_BYTES", 1024)
     monkeypatch.setattr(entry, "MOVE_BATCH", 4096)
     monkeypatch.setattr(entry, "INFLATE_AHEAD", 2048)
+    monkeypatch.setattr(entry, "INFLATE_INTO_MIN", 1 << 40 if request.param == "bytes" else 0)
 
 
 @pytest.fixture
@@ -85,6 +87,8 @@ def test_batches_rebuild_every_file_bit_exact(tmp_path, files, small_chunks, mon
     def no_general(*a, **k):
         raise AssertionError("a lossless entry went through the general (whole-stream) decoder")
 
+    general_decoder = entry._decode_general
+
     with open_collection(db) as c:
         assert any(_spans_chunks(_table(c.reader, e)) for e in c.entries)
         for e, p in zip(c.entries, files):
@@ -98,10 +102,7 @@ def test_batches_rebuild_every_file_bit_exact(tmp_path, files, small_chunks, mon
             pieces = []
             assert c.extract_bytes(e, verify=False, sink=lambda v: pieces.append(bytes(v))) is None
             assert b"".join(pieces) == want and (len(pieces) > 1 or len(want) < 3 * 4096)
-            monkeypatch.undo()
-            monkeypatch.setattr(codec, "CHUNK_BYTES", 1024)
-            monkeypatch.setattr(entry, "MOVE_BATCH", 4096)
-            monkeypatch.setattr(entry, "BATCHES_AHEAD", ahead)
+            monkeypatch.setattr(entry, "_decode_general", general_decoder)
         res = c.extract_to(str(tmp_path / "x"))
     assert not res["damaged"]
     for p in files:
@@ -173,6 +174,28 @@ def test_flipped_raw_byte_fails_the_checksum(tmp_path, files):
     with open_collection(db) as c:
         res = c.extract_to(str(out))
     assert res["damaged"] and "sha256" in res["damaged"][0]["error"] and os.listdir(out) == []
+
+
+def test_inflate_into_checks_like_inflate():
+    import zstandard
+    import numpy as np
+    from lens_ops.loradb.container import inflate, inflate_into
+    raw = bytes(range(256)) * 64
+    z = zstandard.ZstdCompressor(level=3, write_checksum=True, write_content_size=True).compress(raw)
+    buf = np.empty(len(raw), np.uint8)
+    inflate_into(z, len(raw), 1 << 20, "x", buf)
+    assert buf.tobytes() == raw == inflate(z, len(raw), 1 << 20, "x")
+    for bad, match in [(z[:-1] + bytes([z[-1] ^ 1]), "does not decode"), (z[:-9], "decodes to"),
+                       (z + b"junk", "does not decode"), (b"not zstd at all", "not a zstd frame")]:
+        with pytest.raises(LensError, match=match):
+            inflate_into(bad, len(raw), 1 << 20, "x", np.empty(len(raw), np.uint8))
+    with pytest.raises(LensError, match="frame holds"):
+        inflate_into(z, len(raw) - 1, 1 << 20, "x", np.empty(len(raw) - 1, np.uint8))
+    with pytest.raises(LensError, match="limit"):
+        inflate_into(z, len(raw), 100, "x", buf)
+    unknown = zstandard.ZstdCompressor(write_content_size=False).compress(raw)
+    with pytest.raises(LensError, match="more than"):
+        inflate_into(unknown, len(raw) - 10, 1 << 20, "x", np.empty(len(raw) - 10, np.uint8))
 
 
 def test_planes_cut_differently_use_the_general_decoder():

@@ -32,8 +32,7 @@ def _dctx() -> zstandard.ZstdDecompressor:
     return d
 
 
-def inflate(data: bytes, raw_len: int, cap: int, what: str) -> bytes:
-    """zstd-decompress `data` that declares `raw_len` bytes; refuse more than `cap` or a size mismatch."""
+def _check_frame(data, raw_len: int, cap: int, what: str) -> None:
     if not isinstance(raw_len, int) or raw_len < 0 or raw_len > cap:
         raise LensError(f"{what} declares {raw_len} decompressed bytes (limit {cap}).")
     try:
@@ -43,6 +42,11 @@ def inflate(data: bytes, raw_len: int, cap: int, what: str) -> bytes:
     if params.content_size not in (zstandard.CONTENTSIZE_UNKNOWN, raw_len):
         raise LensError(f"{what} is corrupt (its frame holds {params.content_size} bytes, "
                         f"the table says {raw_len}).")
+
+
+def inflate(data: bytes, raw_len: int, cap: int, what: str) -> bytes:
+    """zstd-decompress `data` that declares `raw_len` bytes; refuse more than `cap` or a size mismatch."""
+    _check_frame(data, raw_len, cap, what)
     try:
         out = _dctx().decompress(data, max_output_size=max(raw_len, 1))
     except zstandard.ZstdError:
@@ -50,6 +54,30 @@ def inflate(data: bytes, raw_len: int, cap: int, what: str) -> bytes:
     if len(out) != raw_len:
         raise LensError(f"{what} is corrupt (it decodes to {len(out)} bytes, expected {raw_len}).")
     return out
+
+
+def inflate_into(data, raw_len: int, cap: int, what: str, out) -> None:
+    """inflate() straight into `out`, a writable buffer of `raw_len` bytes (the caller's memory, e.g. reused
+    or huge-page backed): the same checks; the frame must end exactly there (its checksum is verified)."""
+    _check_frame(data, raw_len, cap, what)
+    view = memoryview(out).cast("B")
+    if view.nbytes != raw_len:
+        raise ValueError("inflate_into: the output buffer does not match the declared size")
+    got, extra = 0, b""
+    try:
+        with _dctx().stream_reader(data, read_across_frames=False) as r:
+            while got < raw_len:
+                n = r.readinto(view[got:])
+                if not n:
+                    break
+                got += n
+            if got == raw_len:
+                extra = r.read(1)   # reads the frame's end (and checks its checksum): nothing may follow
+    except zstandard.ZstdError:
+        raise LensError(f"{what} is corrupt (its compressed data does not decode).") from None
+    if got != raw_len or extra:
+        raise LensError(f"{what} is corrupt (it decodes to {'more than ' if extra else ''}{got} bytes, "
+                        f"expected {raw_len}).")
 
 
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
