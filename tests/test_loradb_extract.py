@@ -198,6 +198,28 @@ def test_inflate_into_checks_like_inflate():
         inflate_into(unknown, len(raw) - 10, 1 << 20, "x", np.empty(len(raw) - 10, np.uint8))
 
 
+def test_buffers_are_reused_only_when_no_view_is_left():
+    import gc
+
+    import numpy as np
+    pool = entry._Buffers()
+    a = pool.take(np, 5 << 20)
+    assert a.size == 5 << 20 and a.__array_interface__["data"][0] % entry.HUGE == 0
+    a[:] = 1
+    held = memoryview(a[10:20])          # a slice of it (or a slice of a slice) keeps it out of the pool
+    held2 = np.frombuffer(a, np.uint8)[100:200][1:5]
+    del a
+    gc.collect()
+    b = pool.take(np, 5 << 20)
+    assert not np.shares_memory(np.frombuffer(held, np.uint8), b) and bytes(held) == b"\x01" * 10
+    assert not np.shares_memory(held2, b)
+    base_b = b.base
+    del b
+    gc.collect()
+    c = pool.take(np, 3 << 20)           # the smallest free buffer that fits: b's
+    assert np.shares_memory(c, base_b)
+
+
 def test_planes_cut_differently_use_the_general_decoder():
     desc = {"e": 2, "n": 10, "planes": [[[200, 4, 4, "raw"], [204, 6, 6, "raw"]], [[210, 10, 10, "raw"]]]}
     assert entry._chunk_bounds(desc, "x") is None

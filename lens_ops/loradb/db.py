@@ -196,6 +196,7 @@ def _dumps(obj) -> bytes:
 
 
 _HASH_POOL = ThreadPoolExecutor(max_workers=1)
+WRITES_AHEAD = 2   # pieces handed to the writer thread and not yet written (each holds its buffer)
 
 
 _FALLOCATE = None
@@ -493,6 +494,8 @@ class Collection:
                             view = memoryview(view)
                             writes.append(_HASH_POOL.submit(_write_all, f, view))
                             h.update(view)
+                            if len(writes) > WRITES_AHEAD:   # the writer keeps up: finished writes free
+                                writes.pop(0).result()      # their buffers (fresh memory is slow here)
                             nbytes += view.nbytes
 
                         try:

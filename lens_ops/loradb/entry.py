@@ -13,6 +13,7 @@ import math
 import os
 import sys
 import threading
+import weakref
 from bisect import bisect_right
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_all
@@ -347,6 +348,7 @@ class _Plan:
         self.users: dict[tuple, int] = {}    # (stream id, chunk) → batches still to read it
         self.head = b""                      # the file's first bytes: u64 header length + header
         self.np = None                       # numpy, once imported
+        self.buffers = _Buffers()
 
 
 def _plain_plan(reader, streams: list, segments: list, data_start: int, size: int, what: str):
@@ -437,7 +439,7 @@ def _inflate_into(plan, sources: list, i: int, raw_len: int, data) -> None:
     if np is None or raw_len < INFLATE_INTO_MIN:   # (numpy still being imported, or a small chunk)
         sources[i] = inflate(data, raw_len, MAX_CHUNK_BYTES, plan.what)
     else:   # into huge pages: ~2 page faults per 4 MiB chunk instead of ~1000
-        buf = _aligned_empty(np, raw_len)
+        buf = plan.buffers.take(np, raw_len)
         inflate_into(data, raw_len, MAX_CHUNK_BYTES, plan.what, buf)
         sources[i] = buf
 
@@ -470,13 +472,41 @@ def _aligned_empty(np, n: int):
     return base[off:off + n]
 
 
+class _Buffers:
+    """Big output buffers (inflated chunks, batches) handed out 2 MiB-aligned and taken back for reuse when
+    the last view of one is gone (a weakref finalizer: whoever drops it last, a builder or the writer).
+    Memory a process touches for the first time costs page faults and zeroing (and on a VM whose host
+    reclaims free guest memory, much more); reusing keeps an extraction's fresh memory near its live set."""
+
+    def __init__(self):
+        self.free: list = []
+        self.lock = threading.Lock()
+
+    def take(self, np, n: int):
+        with self.lock:   # the smallest free buffer that fits (compared by identity: numpy's == is elementwise)
+            fits = [i for i, b in enumerate(self.free) if b.size >= n]
+            base = self.free.pop(min(fits, key=lambda i: self.free[i].size)) if fits else None
+        if base is None:
+            base = _aligned_empty(np, -(-n // HUGE) * HUGE if n >= 2 * HUGE else n)
+        # an array over a memoryview owns its views: every slice or buffer of it refers to it (a plain slice
+        # `base[:n]` would not: numpy points views of views at the first owner, so the finalizer could run
+        # while a slice of the buffer is still in use)
+        view = np.frombuffer(memoryview(base)[:n], dtype=np.uint8)
+        weakref.finalize(view, self._give, base)
+        return view
+
+    def _give(self, base) -> None:
+        with self.lock:
+            self.free.append(base)
+
+
 def _build_batch(plan: _Plan, batch: dict, buf, pending: dict, lock, gate):
     """Fill `buf` (the batch's bytes) from its chunks; `gate` (when given) holds the task back until
     the batches before it have been consumed far enough that their buffers can be reused."""
     import numpy as np
     if gate is not None:
         gate()
-        buf = _aligned_empty(np, batch["end"] - batch["start"])
+        buf = plan.buffers.take(np, batch["end"] - batch["start"])
     planes = {}
     for key in batch["chunks"]:
         for f in pending.get(key, ()):
@@ -559,13 +589,12 @@ def _decode_plain(plan: _Plan, hb: bytes, data_start: int, size: int, sink):
         plan.np = np
         lock = threading.Lock()
         out = np.empty(size, dtype=np.uint8) if sink is None else None
-        built = []
+        built: list = []
         for b, batch in enumerate(plan.batches):
             submit_inflates(need_upto[b])
             built.append(_DECODE_POOL.submit(
                 _build_batch, plan, batch, out[batch["start"]:batch["end"]] if out is not None else None,
                 pending, lock, gate_for(b) if out is None else None))
-        every += built
         for b in range(len(built)):
             buf = built[b].result()
             built[b] = None
@@ -580,7 +609,8 @@ def _decode_plain(plan: _Plan, hb: bytes, data_start: int, size: int, sink):
         with cond:
             consumed[0] = len(plan.batches)   # gated tasks may go on (and end)
             cond.notify_all()
-        for f in every:
+        every += [f for f in built if f is not None]   # (a built batch's future holds its buffer: not
+        for f in every:                                  # kept in `every` while the batches are consumed)
             f.cancel()
         wait_all(every)
         raise
