@@ -45,10 +45,11 @@ def _check_frame(data, raw_len: int, cap: int, what: str) -> None:
 
 
 def inflate(data: bytes, raw_len: int, cap: int, what: str) -> bytes:
-    """zstd-decompress `data` that declares `raw_len` bytes; refuse more than `cap` or a size mismatch."""
+    """zstd-decompress `data` (one frame, nothing after it) that declares `raw_len` bytes; refuse more than
+    `cap` or a size mismatch."""
     _check_frame(data, raw_len, cap, what)
     try:
-        out = _dctx().decompress(data, max_output_size=max(raw_len, 1))
+        out = _dctx().decompress(data, max_output_size=max(raw_len, 1), allow_extra_data=False)
     except zstandard.ZstdError:
         raise LensError(f"{what} is corrupt (its compressed data does not decode).") from None
     if len(out) != raw_len:
