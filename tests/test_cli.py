@@ -126,3 +126,28 @@ def test_peft_dora_is_flagged_as_not_applied_by_comfyui(tmp_path, capsys):
     save_file(kohya, q)
     assert main(["info", q, "--json"]) == 0
     assert not any("PEFT DoRA" in w for w in json.loads(capsys.readouterr().out)["warnings"])
+
+
+def test_disk_full_is_one_sentence_and_leaves_nothing(tmp_path, capsys, monkeypatch):
+    """A write the system refuses (here: disk full midway through the streamed output) is reported in the system's
+    own words in one line, exit 1, and neither the output nor a temporary file is left behind."""
+    import errno
+    from lens_ops import st_io
+    from lens_ops.synth import make_lora
+    sd = make_lora("sdxl_kohya", rank=4, seed=0, max_modules=8)
+    src = str(tmp_path / "in.safetensors")
+    save_file(sd, src, metadata=sd.metadata)
+    real_add, calls = st_io.StreamWriter.add, []
+
+    def add(self, key, tensor):
+        calls.append(key)
+        if len(calls) > 3:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), self._tmp if hasattr(self, "_tmp") else None)
+        return real_add(self, key, tensor)
+    monkeypatch.setattr(st_io.StreamWriter, "add", add)
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    assert main(["quantize", src, "-o", str(out_dir / "q.safetensors")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "No space left on device" in err and "unexpected" not in err, err
+    assert os.listdir(out_dir) == []

@@ -89,6 +89,15 @@ def main(argv=None) -> int:
         return 130
     except BrokenPipeError:
         return 0
+    except OSError as e:  # the system refused a read or write (disk full, permissions, a vanished folder)
+        if args.debug:
+            raise
+        name = str(e.filename or "")
+        if os.path.basename(name).startswith(".lens-"):   # our temporary file: the user knows its folder
+            name = os.path.dirname(name) or "."
+        where = f" ({name})" if name else ""
+        print(f"lora-lens: {e.strerror or e}{where}; nothing was left half-written.", file=sys.stderr)
+        return 1
     except Exception as e:  # a bug or an environment problem: still one sentence unless --debug
         if args.debug:
             raise
