@@ -151,3 +151,16 @@ def test_disk_full_is_one_sentence_and_leaves_nothing(tmp_path, capsys, monkeypa
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "No space left on device" in err and "unexpected" not in err, err
     assert os.listdir(out_dir) == []
+
+
+def test_help_lists_every_command_without_importing_the_engine():
+    """`lora-lens --help` reads the menu from the command files (no torch import: ~1 s saved) and lists the same
+    commands, in the same order and with the same help, as the imported modules."""
+    from lens_ops.cli import command_listing, command_modules
+    assert command_listing() == [(m.NAME, m.HELP) for m in command_modules()]
+    code = ("import sys, runpy; sys.argv = ['lora-lens', '--help']\n"
+            "try:\n    runpy.run_module('lens_ops', run_name='__main__')\nexcept SystemExit:\n    pass\n"
+            "print('torch' in sys.modules, file=sys.stderr)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert "quantize" in r.stdout and "extract" in r.stdout, r.stdout
+    assert r.stderr.strip().splitlines()[-1] == "False", r.stderr

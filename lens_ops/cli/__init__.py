@@ -29,12 +29,42 @@ def command_modules(only: str | None = None):
     return sorted(mods, key=lambda m: (getattr(m, "ORDER", 50), m.NAME))
 
 
+def command_listing() -> list[tuple[str, str]]:
+    """(NAME, HELP) of every command in menu order, read from the modules' literal constants without importing
+    them (each imports the engine and torch: ~1 s for `lora-lens --help`); a module whose constants are not
+    plain literals is imported instead."""
+    import ast
+    rows = []
+    for name in command_names():
+        path = os.path.join(os.path.dirname(__file__), name + ".py")
+        consts = {}
+        try:
+            with open(path, encoding="utf-8") as f:
+                tree = ast.parse(f.read(), path)
+            for node in tree.body:
+                if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name) \
+                        and node.targets[0].id in ("NAME", "HELP", "ORDER") and isinstance(node.value, ast.Constant):
+                    consts[node.targets[0].id] = node.value.value
+        except (OSError, SyntaxError):
+            pass
+        if "NAME" not in consts or "HELP" not in consts:
+            for mod in command_modules(name):
+                rows.append((getattr(mod, "ORDER", 50), mod.NAME, mod.HELP))
+            continue
+        rows.append((consts.get("ORDER", 50), consts["NAME"], consts["HELP"]))
+    return [(n, h) for _, n, h in sorted(rows)]
+
+
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", help="show a traceback on errors")
     common.add_argument("--device", default="auto", help="torch device: auto (GPU when present), cpu, cuda, ...")
     parser = argparse.ArgumentParser(prog="lora-lens", description="Look inside, shrink, blend and pack LoRA files.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    if only is None:   # no command named (`lora-lens --help`, a typo): the menu only, nothing imported
+        for name, text in command_listing():
+            sub.add_parser(name, help=text)
+        return parser
     for mod in command_modules(only):
         p = sub.add_parser(mod.NAME, help=mod.HELP, description=getattr(mod, "DESCRIPTION", mod.HELP),
                            parents=[common])
