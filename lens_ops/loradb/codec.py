@@ -15,7 +15,7 @@ import numpy as np
 import zstandard
 
 from ..errors import LensError
-from .container import inflate
+from .container import check_stream as check_record, inflate
 from .spec import CHUNK_BYTES, CODEC_RAW, CODEC_ZSTD, ELEM_SIZES, MAX_CHUNK_BYTES
 
 _POOL = ThreadPoolExecutor(max_workers=4)
@@ -58,24 +58,8 @@ def encode_stream(writer, data: np.ndarray, e: int, level: int) -> dict:
 
 
 def check_stream(desc, what: str) -> tuple[int, int]:
-    if not isinstance(desc, dict):
-        raise LensError(f"{what}: malformed stream record.")
-    e, n, planes, base = desc.get("e"), desc.get("n"), desc.get("planes"), desc.get("base", 0)
-    if not isinstance(base, int) or isinstance(base, bool) or base < 0:
-        raise LensError(f"{what}: malformed stream record.")
-    if e not in ELEM_SIZES or not isinstance(n, int) or n < 0 or not isinstance(planes, list) or len(planes) != e:
-        raise LensError(f"{what}: malformed stream record.")
-    for p in planes:
-        if not isinstance(p, list):
-            raise LensError(f"{what}: malformed stream record.")
-        total = 0
-        for c in p:
-            if (not isinstance(c, list) or len(c) != 4 or not all(isinstance(x, int) for x in c[:3])
-                    or c[2] < 0 or c[2] > MAX_CHUNK_BYTES or c[3] not in (CODEC_RAW, CODEC_ZSTD)):
-                raise LensError(f"{what}: malformed chunk record.")
-            total += c[2]
-        if total != n:
-            raise LensError(f"{what}: its chunks hold {total} bytes per plane, the stream declares {n}.")
+    """(e, n) of a well-formed stream record (container.check_stream), else one sentence."""
+    e, n, _ = check_record(desc, what)
     return e, n
 
 

@@ -19,8 +19,8 @@ import zstandard
 
 from ..errors import LensError
 from ..file_mode import new_file_mode  # noqa: F401  (db.py imports it from here)
-from .spec import (CHUNK_BYTES, CODEC_RAW, CODEC_ZSTD, DATA_START, FORMAT_MAJOR, FORMAT_MINOR, HEADER_CODECS,
-                   MAGIC, MAX_CHUNK_BYTES, MAX_HEADER_BYTES, SLOT_OFFSETS, SLOT_SIZE)
+from .spec import (CHUNK_BYTES, CODEC_RAW, CODEC_ZSTD, DATA_START, ELEM_SIZES, FORMAT_MAJOR, FORMAT_MINOR,
+                   HEADER_CODECS, MAGIC, MAX_CHUNK_BYTES, MAX_HEADER_BYTES, SLOT_OFFSETS, SLOT_SIZE)
 
 _local = threading.local()
 
@@ -419,3 +419,27 @@ class Writer:
         if self.tmp and os.path.exists(self.tmp):
             os.unlink(self.tmp)
             self.tmp = None
+
+
+def check_stream(desc, what: str) -> tuple[int, int, list]:
+    """(element size e, elements n, planes) of a stream record, or one sentence (LensError) when it is malformed:
+    e byte planes, each a list of [offset, stored, raw bytes, codec] chunks whose raw sizes add up to n. Shared by
+    the general decoder (codec.py) and the batch-by-batch lossless path (entry.py), which must not import numpy."""
+    if not isinstance(desc, dict):
+        raise LensError(f"{what}: malformed stream record.")
+    e, n, planes, base = desc.get("e"), desc.get("n"), desc.get("planes"), desc.get("base", 0)
+    whole = lambda x: isinstance(x, int) and not isinstance(x, bool) and x >= 0
+    if not whole(base) or e not in ELEM_SIZES or not whole(n) or not isinstance(planes, list) or len(planes) != e:
+        raise LensError(f"{what}: malformed stream record.")
+    for p in planes:
+        if not isinstance(p, list):
+            raise LensError(f"{what}: malformed stream record.")
+        total = 0
+        for c in p:
+            if (not isinstance(c, list) or len(c) != 4 or not all(isinstance(x, int) for x in c[:3])
+                    or c[2] < 0 or c[2] > MAX_CHUNK_BYTES or c[3] not in (CODEC_RAW, CODEC_ZSTD)):
+                raise LensError(f"{what}: malformed chunk record.")
+            total += c[2]
+        if total != n:
+            raise LensError(f"{what}: its chunks hold {total} bytes per plane, the stream declares {n}.")
+    return e, n, planes

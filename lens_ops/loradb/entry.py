@@ -15,12 +15,12 @@ import sys
 import threading
 import weakref
 from bisect import bisect_right
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import wait as wait_all
 
 from ..errors import LensError
-from .container import inflate, inflate_into
-from .spec import CODEC_RAW, CODEC_ZSTD, ELEM_SIZES, MAX_CHUNK_BYTES, MAX_ENTRY_OUTPUT, ST_DTYPES
+from .container import check_stream, inflate, inflate_into
+from .spec import CODEC_RAW, MAX_CHUNK_BYTES, MAX_ENTRY_OUTPUT, ST_DTYPES
 
 # numpy (and codec.py, which needs it) is imported inside the functions that use it: lossless extraction
 # starts inflating an entry's chunks on worker threads first and imports numpy meanwhile (see decode_file)
@@ -308,28 +308,10 @@ _DECODE_POOL = ThreadPoolExecutor(max_workers=max(2, min(4, os.cpu_count() or 2)
 
 def _chunk_bounds(desc, what: str):
     """(e, n, per-chunk element counts) of a stream whose planes are cut at the same places (what the
-    writer always does), None for any other well-formed stream; a malformed record raises (the same
-    checks and sentences as codec.check_stream)."""
-    if not isinstance(desc, dict):
-        raise LensError(f"{what}: malformed stream record.")
-    e, n, planes, base = desc.get("e"), desc.get("n"), desc.get("planes"), desc.get("base", 0)
-    if not _int(e, 1, 8) or not _int(n):
-        raise LensError(f"{what}: malformed stream record.")
-    if not _int(base) or e not in ELEM_SIZES or not isinstance(planes, list) or len(planes) != e:
-        raise LensError(f"{what}: malformed stream record.")
-    bounds = []
-    for p in planes:
-        if not isinstance(p, list):
-            raise LensError(f"{what}: malformed stream record.")
-        total = 0
-        for c in p:
-            if (not isinstance(c, list) or len(c) != 4 or not all(isinstance(x, int) for x in c[:3])
-                    or c[2] < 0 or c[2] > MAX_CHUNK_BYTES or c[3] not in (CODEC_RAW, CODEC_ZSTD)):
-                raise LensError(f"{what}: malformed chunk record.")
-            total += c[2]
-        if total != n:
-            raise LensError(f"{what}: its chunks hold {total} bytes per plane, the stream declares {n}.")
-        bounds.append([c[2] for c in p])
+    writer always does), None for any other well-formed stream; a malformed record raises (container.check_stream,
+    the checks and sentences the general decoder uses)."""
+    e, n, planes = check_stream(desc, what)
+    bounds = [[c[2] for c in p] for p in planes]
     if any(b != bounds[0] for b in bounds):
         return None
     return e, n, bounds[0]
