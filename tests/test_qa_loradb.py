@@ -398,3 +398,18 @@ def test_empty_collection_and_unchanged_lossy_entries_read_sensibly(three, tmp_p
         h["entries"][0].update(lossless=False, error={"snr_db": None, "rel_error": 0.0})
     code, out, err = _run(capsys, "list", _hostile(three, tmp_path, edit))
     assert "lossy (ΔW SNR ∞: unchanged)" in out, out
+
+
+def test_declared_size_larger_than_the_rebuilt_bytes_is_damage(three, tmp_path, capsys):
+    """An entry whose declared output size exceeds what its table rebuilds (the checksum matching the rebuilt
+    bytes) must not extract: the output is pre-allocated to the declared size, so it would end in zeros."""
+    def edit(header):
+        header["entries"][2]["output_bytes"] += 4096
+    db = _hostile(three, tmp_path, edit)
+    out = tmp_path / "out"
+    code, _, err = _run(capsys, "extract", db, "-o", str(out))
+    assert code != 0 and "damaged" in err, err
+    names = sorted(os.listdir(out))
+    assert len(names) == 2 and not any(n.startswith(".") for n in names), names   # the other two, nothing else
+    for n in names:                                                                # and those are exact
+        assert any(open(f, "rb").read() == (out / n).read_bytes() for f in three[1])

@@ -503,7 +503,9 @@ class Collection:
                         finally:
                             for w in writes:
                                 w.result()
-                    if h.hexdigest() != e.get("output_sha256"):
+                    if nbytes != e.get("output_bytes") or h.hexdigest() != e.get("output_sha256"):
+                        # (the size too: the file was pre-allocated to the declared size, so fewer rebuilt
+                        # bytes would leave a zero tail that the checksum of the rebuilt bytes cannot see)
                         raise LensError(f"{self.name}: entry {e.get('name')!r} is damaged: its rebuilt bytes "
                                         "fail the recorded sha256 checksum.")
                     try:
