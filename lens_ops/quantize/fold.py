@@ -91,15 +91,11 @@ def _encode(x: torch.Tensor, fmt: str, where: str):
     if not x.numel():
         q, s = encode(x, fmt, where)
         return q, s, x.clone(), x.clone()
-    lo, hi = torch.aminmax(x)
-    amax = max(-float(lo), float(hi))
-    if not math.isfinite(amax):
-        check_finite(x, where)
-    if amax == 0.0:
+    s = _step(x, fmt, where)
+    if s is None:
         q, s = encode(x, fmt, where, amax=0.0)
         return q, s, torch.zeros_like(x), x.clone()
     dtype, qmax = FORMATS[fmt]
-    s = amax / qmax
     y = x / s
     if fmt == "int8":
         y.round_().clamp_(-qmax, qmax)
@@ -142,18 +138,22 @@ class _Candidate:
     sa: float
 
 
-def _residual_code(x: torch.Tensor, where: str):
-    """(rounded codes as floats, scale, residual d = x/s − q) for int8, or None for an empty or all-zero x. The same
-    codes as codec.encode: round(x/s) with s = max|x|/127 (|x/s| ≤ 127 up to float rounding, so no clamp)."""
-    if not x.numel():
-        return None
+def _step(x: torch.Tensor, fmt: str, where: str) -> float | None:
+    """The per-tensor step s = max|x|/qmax of a non-empty x (None when x is all zero); NaN/Inf refused here, where
+    max|x| sees them for free."""
     lo, hi = torch.aminmax(x)
     amax = max(-float(lo), float(hi))
     if not math.isfinite(amax):
         check_finite(x, where)
-    if amax == 0.0:
+    return amax / FORMATS[fmt][1] if amax != 0.0 else None
+
+
+def _residual_code(x: torch.Tensor, where: str):
+    """(rounded codes as floats, scale, residual d = x/s − q) for int8, or None for an empty or all-zero x. The same
+    codes as codec.encode: round(x/s) with s = max|x|/127 (|x/s| ≤ 127 up to float rounding, so no clamp)."""
+    s = _step(x, "int8", where) if x.numel() else None
+    if s is None:
         return None
-    s = amax / FORMATS["int8"][1]
     y = x / s
     q = torch.round(y)
     return q, s, y.sub_(q)
