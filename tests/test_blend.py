@@ -280,3 +280,22 @@ def test_blend_node(comfy_env):
     ref = refs(f1, f2, 0.6, -0.4, 0.5, 1.0)
     assert all(rel(out_delta(m, n), ref[n]) < 1e-6 for n in NAMES)
     assert "lora_lens.blend_sources" in lora.metadata and "concat" in text
+
+
+@pytest.mark.parametrize("values", ["gaussian", "ties", "spiky"])
+def test_kth_smallest_equals_kthvalue(values):
+    """TIES's magnitude threshold on big layers comes from a sampled bracket plus one counting pass; it must be the
+    exact kthvalue for every rank, with heavy ties and with a few huge outliers, including ranks where the bracket
+    misses and the full kthvalue answers."""
+    from lens_ops.blend.methods import KTH_DIRECT, kth_smallest
+    g = torch.Generator().manual_seed(7)
+    n = KTH_DIRECT + 123_457
+    if values == "gaussian":
+        x = torch.randn(n, generator=g).abs()
+    elif values == "ties":
+        x = torch.randint(0, 40, (n,), generator=g).float()
+    else:
+        x = torch.randn(n, generator=g).abs()
+        x[torch.randint(0, n, (50,), generator=g)] = 1e6      # outliers the sample mostly misses
+    for j in (1, 2, 777, n // 3, n // 2, n - 60, n - 1, n):
+        assert torch.equal(kth_smallest(x, j), x.kthvalue(j).values), (values, j)

@@ -11,6 +11,7 @@ With ΔW_i = s_i·B_i@A_i and strengths w_i (c_i = w_i·s_i):
 """
 from __future__ import annotations
 
+import math
 import zlib
 
 import torch
@@ -94,27 +95,57 @@ def randomized_blend(factors, coefs, rank: int, seed: int = 0, key: str = "", ov
     return up, down, (max(err2, 0.0) / tot) ** 0.5 if tot > 0 else 0.0
 
 
+KTH_DIRECT = 1 << 21   # below this many entries `kth_smallest` is plain kthvalue
+
+
+def kth_smallest(x: torch.Tensor, j: int) -> torch.Tensor:
+    """`x.kthvalue(j).values` of a flat tensor (j 1-based), exactly, ~3× faster on the tens of millions of entries
+    of a FLUX layer's ΔW: a strided sample brackets the answer in [lo, hi] (±6σ of the sample's rank), one pass
+    counts what lies below lo, and kthvalue runs on the few entries inside the bracket. When the bracket misses
+    (the count says so), the full kthvalue answers."""
+    n = x.numel()
+    if n <= KTH_DIRECT:
+        return x.kthvalue(j).values
+    sample = x[::n // (1 << 18)]
+    m, p = sample.numel(), j / n
+    spread = 6 * math.sqrt(m * p * (1 - p)) + 8
+    lo = sample.kthvalue(max(1, int(p * m - spread))).values
+    hi = sample.kthvalue(min(m, int(p * m + spread) + 1)).values
+    inside = x[(x >= lo) & (x <= hi)]
+    rank = j - int((x < lo).sum())
+    if 1 <= rank <= inside.numel():
+        return inside.kthvalue(rank).values
+    return x.kthvalue(j).values
+
+
 def ties_merge(taus: list[torch.Tensor], density: float) -> torch.Tensor:
     """TIES (Yadav et al. 2023) on task vectors τ_i = w_i·ΔW_i: keep each τ_i's top `density` fraction by
     magnitude, elect the sign of Σ trimmed τ_i per entry, and average the trimmed entries that agree with it
-    (disjoint mean)."""
+    (disjoint mean). Each step is one or two passes over the (possibly FLUX-sized) dense matrices: |τ| is formed
+    once per input, the trimmed inputs are summed without stacking them, and "agrees with the elected sign and
+    is non-zero" is one test, τ·sign > 0."""
     trimmed = []
+    zero = torch.zeros((), dtype=taus[0].dtype, device=taus[0].device)
     for t in taus:
-        flat = t.reshape(-1)
-        k = max(1, int(round(density * flat.numel())))
-        if k >= flat.numel():
+        n = t.numel()
+        k = max(1, int(round(density * n)))
+        if k >= n:
             trimmed.append(t)
             continue
-        thr = flat.abs().kthvalue(flat.numel() - k + 1).values
-        trimmed.append(torch.where(t.abs() >= thr, t, torch.zeros((), dtype=t.dtype, device=t.device)))
-    total = torch.stack(trimmed).sum(0) if len(trimmed) > 1 else trimmed[0].clone()
+        mag = t.abs()
+        thr = kth_smallest(mag.reshape(-1), n - k + 1)
+        trimmed.append(torch.where(mag >= thr, t, zero))
+        del mag
+    total = trimmed[0].clone()
+    for t in trimmed[1:]:
+        total += t
     sign = torch.sign(total)
     num = torch.zeros_like(total)
     cnt = torch.zeros_like(total)
     for t in trimmed:
-        agree = (torch.sign(t) == sign) & (t != 0)
-        num += torch.where(agree, t, torch.zeros((), dtype=t.dtype, device=t.device))
-        cnt += agree.to(t.dtype)
+        agree = (t * sign) > 0
+        num += torch.where(agree, t, zero)
+        cnt += agree
     return num / cnt.clamp_min(1)
 
 
