@@ -152,3 +152,18 @@ def convention_lora(conv: str, g, n_modules=3, rank=4, dtype=torch.float16):
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.double(), b.double()
     return float((a - b).norm() / b.norm().clamp_min(1e-300))
+
+
+def mismatched_shape_pair() -> tuple[dict, dict]:
+    """Two kohya LoRAs (0.01-scaled random factors) that name one layer with two different weight shapes (a 24×16
+    linear vs an 8×6×3×3 conv) and share another, same-shaped layer: blending or scanning them must refuse with a
+    sentence, not crash inside the maths."""
+    g = torch.Generator().manual_seed(0)
+    name = "lora_unet_down_blocks_0_attentions_0_proj_in"
+    other = "lora_unet_mid_block_attentions_0_proj_out"
+    a = {name + ".lora_up.weight": torch.randn(24, 4, generator=g), name + ".lora_down.weight": torch.randn(4, 16, generator=g),
+         other + ".lora_up.weight": torch.randn(24, 4, generator=g), other + ".lora_down.weight": torch.randn(4, 16, generator=g)}
+    b = {name + ".lora_up.weight": torch.randn(8, 4, 1, 1, generator=g),
+         name + ".lora_down.weight": torch.randn(4, 6, 3, 3, generator=g),
+         other + ".lora_up.weight": torch.randn(24, 4, generator=g), other + ".lora_down.weight": torch.randn(4, 16, generator=g)}
+    return {k: 0.01 * v for k, v in a.items()}, {k: 0.01 * v for k, v in b.items()}

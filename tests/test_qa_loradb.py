@@ -362,15 +362,7 @@ def test_shared_basis_of_three_close_variants_meets_the_budget(tmp_path, mode):
 def test_shared_basis_groups_loras_of_different_dtypes(tmp_path):
     """Related LoRAs saved in fp16, fp32 and bf16 still share a basis (the group was keyed by dtype too, so
     one fp32 file among fp16 ones switched sharing off for every module); each entry keeps its dtype."""
-    base = make_lora("sd15_kohya", rank=4, seed=21, max_modules=2, dtype=torch.float32)
-    files = []
-    for i, dt in enumerate((torch.float16, torch.float32, torch.bfloat16)):
-        g = torch.Generator().manual_seed(i)
-        sd = {k: ((v + 0.02 * v.std() * torch.randn(v.shape, generator=g)) if "lora_up" in k else v).to(dt)
-              for k, v in base.items()}
-        p = tmp_path / f"v{i}.safetensors"
-        save_file(sd, str(p), base.metadata)
-        files.append(str(p))
+    files = _variants(tmp_path, (torch.float16, torch.float32, torch.bfloat16))
     rep = pack(str(tmp_path / "sb.loradb"), files, shared_basis="on")
     assert rep["collection"]["lossy"]["shared_basis_modules"] > 0
     assert any("shared-basis" in e["layers"] for e in rep["entries"]), [e["layers"] for e in rep["entries"]]

@@ -12,6 +12,7 @@ from lens_ops.blend import blend
 from lens_ops.cli import main
 from lens_ops.quantize import quantize_model
 from lens_ops.synth import make_lora
+from lora_factory import mismatched_shape_pair
 
 
 def _md5(path):
@@ -118,19 +119,12 @@ def test_blend_output_name_must_be_safetensors(src, tmp_path, capsys):
 
 
 def _mismatched_pair(tmp_path):
-    """One layer name, two different weight shapes (a 24×16 linear vs an 8×6×3×3 conv), architecture not
-    telling them apart: the blend must refuse like ConflictScan does, not crash inside the maths."""
-    g = torch.Generator().manual_seed(0)
-    name = "lora_unet_down_blocks_0_attentions_0_proj_in"
-    other = "lora_unet_mid_block_attentions_0_proj_out"
-    a = {name + ".lora_up.weight": torch.randn(24, 4, generator=g), name + ".lora_down.weight": torch.randn(4, 16, generator=g),
-         other + ".lora_up.weight": torch.randn(24, 4, generator=g), other + ".lora_down.weight": torch.randn(4, 16, generator=g)}
-    b = {name + ".lora_up.weight": torch.randn(8, 4, 1, 1, generator=g),
-         name + ".lora_down.weight": torch.randn(4, 6, 3, 3, generator=g),
-         other + ".lora_up.weight": torch.randn(24, 4, generator=g), other + ".lora_down.weight": torch.randn(4, 16, generator=g)}
+    """One layer name, two different weight shapes, architecture not telling them apart: the blend must refuse
+    like ConflictScan does, not crash inside the maths."""
+    a, b = mismatched_shape_pair()
     pa, pb = str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors")
-    save_file({k: 0.01 * v for k, v in a.items()}, pa)
-    save_file({k: 0.01 * v for k, v in b.items()}, pb)
+    save_file(a, pa)
+    save_file(b, pb)
     return pa, pb
 
 

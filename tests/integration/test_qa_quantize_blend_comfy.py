@@ -12,6 +12,7 @@ from safetensors.torch import load_file, save_file
 from integration.conftest import errors_of
 from integration.sampling import sample_prompt, saved_image
 from lens_ops.synth import make_lora
+from lora_factory import mismatched_shape_pair
 
 
 def _peft_te(seed=3, rank=4):
@@ -128,16 +129,9 @@ def test_quantize_node_keeps_an_int8_input_exactly(comfy_server):
 
 
 def _mismatched(server):
-    g = torch.Generator().manual_seed(0)
-    name = "lora_unet_down_blocks_0_attentions_0_proj_in"
-    other = "lora_unet_mid_block_attentions_0_proj_out"
-    a = {name + ".lora_up.weight": torch.randn(24, 4, generator=g), name + ".lora_down.weight": torch.randn(4, 16, generator=g),
-         other + ".lora_up.weight": torch.randn(24, 4, generator=g), other + ".lora_down.weight": torch.randn(4, 16, generator=g)}
-    b = {name + ".lora_up.weight": torch.randn(8, 4, 1, 1, generator=g),
-         name + ".lora_down.weight": torch.randn(4, 6, 3, 3, generator=g),
-         other + ".lora_up.weight": torch.randn(24, 4, generator=g), other + ".lora_down.weight": torch.randn(4, 16, generator=g)}
-    save_file({k: 0.01 * v for k, v in a.items()}, os.path.join(server.loras, "qa_shape_a.safetensors"))
-    save_file({k: 0.01 * v for k, v in b.items()}, os.path.join(server.loras, "qa_shape_b.safetensors"))
+    a, b = mismatched_shape_pair()
+    save_file(a, os.path.join(server.loras, "qa_shape_a.safetensors"))
+    save_file(b, os.path.join(server.loras, "qa_shape_b.safetensors"))
     return "qa_shape_a.safetensors", "qa_shape_b.safetensors"
 
 
