@@ -282,20 +282,26 @@ def test_blend_node(comfy_env):
     assert "lora_lens.blend_sources" in lora.metadata and "concat" in text
 
 
-@pytest.mark.parametrize("values", ["gaussian", "ties", "spiky"])
-def test_kth_smallest_equals_kthvalue(values):
-    """TIES's magnitude threshold on big layers comes from a sampled bracket plus one counting pass; it must be the
-    exact kthvalue for every rank, with heavy ties and with a few huge outliers, including ranks where the bracket
-    misses and the full kthvalue answers."""
-    from lens_ops.blend.methods import KTH_DIRECT, kth_smallest
+@pytest.mark.parametrize("values", ["gaussian", "ties", "spiky", "float64"])
+def test_magnitude_threshold_equals_kthvalue(values):
+    """TIES's magnitude threshold on big layers comes from a sample of rows plus one counting pass over row blocks,
+    and from bit-pattern histograms when that bracket misses or holds too many tied values; it must be the exact
+    kthvalue of the magnitudes for every rank, with heavy ties and with a few huge outliers."""
+    from lens_ops.blend import rowwise
     g = torch.Generator().manual_seed(7)
-    n = KTH_DIRECT + 123_457
-    if values == "gaussian":
-        x = torch.randn(n, generator=g).abs()
-    elif values == "ties":
-        x = torch.randint(0, 40, (n,), generator=g).float()
+    rows, cols = 1601, 1023
+    n = rows * cols
+    if values == "ties":
+        x = torch.randint(-40, 40, (n,), generator=g).float()
+    elif values == "float64":
+        x = torch.randn(n, generator=g, dtype=torch.float64) * torch.rand(n, generator=g, dtype=torch.float64)
     else:
-        x = torch.randn(n, generator=g).abs()
-        x[torch.randint(0, n, (50,), generator=g)] = 1e6      # outliers the sample mostly misses
-    for j in (1, 2, 777, n // 3, n // 2, n - 60, n - 1, n):
-        assert torch.equal(kth_smallest(x, j), x.kthvalue(j).values), (values, j)
+        x = torch.randn(n, generator=g)
+    if values == "spiky":
+        x[torch.randint(0, n, (50,), generator=g)] = 1e6      # outliers the row sample mostly misses
+    src = rowwise.Rows.dense(x.reshape(rows, cols))
+    mags = x.abs()
+    for k in (1, 2, 50, 777, n // 3, n // 2, n - 60, n - 1, n):
+        assert torch.equal(rowwise.magnitude_threshold(src, k), mags.kthvalue(n - k + 1).values), (values, k)
+    for j in (1, 999, n // 2, n):   # the exact fallback on its own
+        assert torch.equal(rowwise._threshold_by_histograms(src, j), mags.kthvalue(j).values), (values, j)

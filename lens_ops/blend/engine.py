@@ -18,7 +18,9 @@ from ..conflict.crossnames import OutputSlot, RowSlice, RowStack
 from ..conflict.matching import (check_architectures, common_architecture, cross_scheme_warning, layer_units,
                                   scheme_of)
 from ..conflict.metrics import small_maths
-from .methods import (concat_factors, dare_merge, dense_to_factors, randomized_blend, svd_blend, ties_merge)
+from .methods import (concat_factors, dare_merge, dare_seeds, dense_to_factors, randomized_blend, svd_blend,
+                      ties_merge)
+from .rowwise import Rows, dare_rows, ties_rows
 from .output import OutputStyle, StreamedModules, merged_metadata
 from .weights import LayerFilter, parse_block_weights
 
@@ -264,6 +266,13 @@ def _require_finite(mod, tensors) -> None:
                         "fix that LoRA or exclude the module (its name works as an exclude item).")
 
 
+def _dense_tau(mod, c: float, dtype, device) -> torch.Tensor:
+    """c·ΔW of a module, dense (as a matrix of rows when it is not 1-D), refusing NaN/Inf."""
+    d = mod.delta(dtype, device)
+    _require_finite(mod, (d,))
+    return d.reshape(d.shape[0], -1) * c if d.ndim > 1 else d * c
+
+
 def _factors(mod, dtype, device):
     """(B, A, scale) of a module; LoKr/LoHa by their exact factors: a dense `.diff` of their flattened ΔW does
     not match a conv weight's shape and ComfyUI drops it, while it reshapes LoRA factors to the weight."""
@@ -309,21 +318,26 @@ def _blend_module(key, target, contrib, method, rank, device, dtype, style, dens
         return style.lora_module(target.name, target.component, up, down, shape, keys, alpha_dtype, want_alpha)
     # dense route: TIES/DARE, or kinds without factors (LoHa, LoKr, diffs)
     stats["dense_modules"] += 1
-    taus = []
-    for mod, c in contrib:
-        d = mod.delta(dtype, device)
-        _require_finite(mod, (d,))
-        taus.append(d.reshape(d.shape[0], -1) * c if d.ndim > 1 else d * c)
-    if method == "ties" and len(taus) > 1:
-        merged = ties_merge(taus, density)
-    elif method == "dare" and len(taus) > 1:
-        merged = dare_merge(taus, density, seed, key)
-    elif method == "dare":
-        merged = dare_merge(taus, density, seed, key)
+    if method in ("ties", "dare") and len(shape) >= 2:
+        # row sources: a module with factors is recomputed block by block, never held as a dense τ (rowwise.py)
+        srcs = [Rows.factors(f[0], f[1], c * float(f[2])) if f is not None and f[0].ndim == 2 and f[1].ndim == 2
+                else Rows.dense(_dense_tau(mod, c, dtype, device)) for (mod, c), f in zip(contrib, factors)]
+        if method == "dare":
+            merged = dare_rows(srcs, density, dare_seeds(seed, key, len(srcs)))
+        elif len(srcs) > 1:
+            merged = ties_rows(srcs, density)
+        else:
+            merged = srcs[0].get(0, srcs[0].n).clone()
     else:
-        merged = taus[0].clone()
-        for t in taus[1:]:
-            merged += t
+        taus = [_dense_tau(mod, c, dtype, device) for mod, c in contrib]
+        if method == "ties" and len(taus) > 1:
+            merged = ties_merge(taus, density)
+        elif method == "dare":
+            merged = dare_merge(taus, density, seed, key)
+        else:
+            merged = taus[0].clone()
+            for t in taus[1:]:
+                merged += t
     biases = [(mod.tensors.get("diff_b", mod.tensors.get("b_norm")), c) for mod, c in contrib]
     bias = None
     if any(b is not None for b, _ in biases):

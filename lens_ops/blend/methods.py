@@ -7,17 +7,18 @@ With ΔW_i = s_i·B_i@A_i and strengths w_i (c_i = w_i·s_i):
   approximation (Eckart–Young) without forming ΔW.
 - pca (alias randomized): a seeded randomized range finder on the same factored operator (never dense), for
   very large concatenated ranks; near-optimal, the report gives the achieved error.
-- ties / dare: on dense ΔW, one module at a time (see `ties_merge`, `dare_merge`), re-factored by SVD.
+- ties / dare: on the dense ΔW entries, one module at a time and one block of rows at a time (`rowwise`),
+  re-factored by SVD.
 """
 from __future__ import annotations
 
-import math
 import zlib
 
 import torch
 
 from .. import lowrank as lr
 from ..conflict.metrics import small_maths
+from .rowwise import Rows, dare_rows, sum_of_squares, ties_rows
 
 ZERO_TOL = 1e-6   # singular values below this fraction of the largest are dropped by "exact" SVD routes
 
@@ -95,77 +96,29 @@ def randomized_blend(factors, coefs, rank: int, seed: int = 0, key: str = "", ov
     return up, down, (max(err2, 0.0) / tot) ** 0.5 if tot > 0 else 0.0
 
 
-KTH_DIRECT = 1 << 21   # below this many entries `kth_smallest` is plain kthvalue
-
-
-def kth_smallest(x: torch.Tensor, j: int) -> torch.Tensor:
-    """`x.kthvalue(j).values` of a flat tensor (j 1-based), exactly, ~3× faster on the tens of millions of entries
-    of a FLUX layer's ΔW: a strided sample brackets the answer in [lo, hi] (±6σ of the sample's rank), one pass
-    counts what lies below lo, and kthvalue runs on the few entries inside the bracket. When the bracket misses
-    (the count says so), the full kthvalue answers."""
-    n = x.numel()
-    if n <= KTH_DIRECT:
-        return x.kthvalue(j).values
-    sample = x[::n // (1 << 18)]
-    m, p = sample.numel(), j / n
-    spread = 6 * math.sqrt(m * p * (1 - p)) + 8
-    lo = sample.kthvalue(max(1, int(p * m - spread))).values
-    hi = sample.kthvalue(min(m, int(p * m + spread) + 1)).values
-    inside = x[(x >= lo) & (x <= hi)]
-    rank = j - int((x < lo).sum())
-    if 1 <= rank <= inside.numel():
-        return inside.kthvalue(rank).values
-    return x.kthvalue(j).values
-
-
 def ties_merge(taus: list[torch.Tensor], density: float) -> torch.Tensor:
-    """TIES (Yadav et al. 2023) on task vectors τ_i = w_i·ΔW_i: keep each τ_i's top `density` fraction by
+    """TIES (Yadav et al. 2023) on dense task vectors τ_i = w_i·ΔW_i: keep each τ_i's top `density` fraction by
     magnitude, elect the sign of Σ trimmed τ_i per entry, and average the trimmed entries that agree with it
-    (disjoint mean). Each step is one or two passes over the (possibly FLUX-sized) dense matrices: |τ| is formed
-    once per input, the trimmed inputs are summed without stacking them, and "agrees with the elected sign and
-    is non-zero" is one test, τ·sign > 0."""
-    trimmed = []
-    zero = torch.zeros((), dtype=taus[0].dtype, device=taus[0].device)
-    for t in taus:
-        n = t.numel()
-        k = max(1, int(round(density * n)))
-        if k >= n:
-            trimmed.append(t)
-            continue
-        mag = t.abs()
-        thr = kth_smallest(mag.reshape(-1), n - k + 1)
-        trimmed.append(torch.where(mag >= thr, t, zero))
-        del mag
-    total = trimmed[0].clone()
-    for t in trimmed[1:]:
-        total += t
-    sign = torch.sign(total)
-    num = torch.zeros_like(total)
-    cnt = torch.zeros_like(total)
-    for t in trimmed:
-        agree = (t * sign) > 0
-        num += torch.where(agree, t, zero)
-        cnt += agree
-    return num / cnt.clamp_min(1)
+    (disjoint mean). The blend itself feeds `rowwise.ties_rows` row sources (never every τ_i whole)."""
+    return ties_rows([Rows.dense(t) for t in taus], density).reshape(taus[0].shape)
+
+
+def dare_seeds(seed: int, key: str, n: int) -> list[int]:
+    """The generator seed of each input's DARE mask for module `key` (reproducible on any device)."""
+    return [_seed(seed, key, i + 1) for i in range(n)]
 
 
 def dare_masks(shape, density: float, seed: int, key: str, n: int):
-    """The seeded keep-masks DARE uses for module `key` (one per input; reproducible on any device)."""
-    out = []
-    for i in range(n):
-        g = torch.Generator().manual_seed(_seed(seed, key, i + 1))
-        out.append(torch.rand(shape, generator=g) < density)
-    return out
+    """The seeded keep-masks DARE uses for module `key`, whole (`rowwise.dare_rows` draws the same, block by block)."""
+    return [torch.rand(shape, generator=torch.Generator().manual_seed(s)) < density
+            for s in dare_seeds(seed, key, n)]
 
 
 def dare_merge(taus: list[torch.Tensor], density: float, seed: int = 0, key: str = "") -> torch.Tensor:
-    """DARE (Yu et al. 2024) on τ_i = w_i·ΔW_i: drop entries at random (keep probability `density`, seeded
+    """DARE (Yu et al. 2024) on dense τ_i = w_i·ΔW_i: drop entries at random (keep probability `density`, seeded
     per module and input), rescale the kept ones by 1/density, and add the task vectors."""
-    masks = dare_masks(taus[0].shape, density, seed, key, len(taus))
-    out = torch.zeros_like(taus[0])
-    for t, m in zip(taus, masks):
-        out += torch.where(m.to(t.device), t / density, torch.zeros((), dtype=t.dtype, device=t.device))
-    return out
+    merged = dare_rows([Rows.dense(t) for t in taus], density, dare_seeds(seed, key, len(taus)))
+    return merged.reshape(taus[0].shape)
 
 
 def dense_to_factors(d: torch.Tensor, rank: int, exact_limit: int = 1 << 20):
@@ -182,6 +135,6 @@ def dense_to_factors(d: torch.Tensor, rank: int, exact_limit: int = 1 << 20):
     u, s, v = torch.svd_lowrank(d, q=min(rank + 10, k_max), niter=4)
     k = keep_rank(s, rank)
     up, down = lr.balanced_factors(u, s, v.T, k)
-    tot = float(d.double().pow(2).sum())
+    tot = sum_of_squares(d)
     err2 = tot - float(s[:k].double().pow(2).sum())
     return up, down, (max(err2, 0.0) / tot) ** 0.5 if tot > 0 else 0.0
