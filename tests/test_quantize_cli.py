@@ -1,5 +1,7 @@
 """`lora-lens quantize` / `lora-lens ultra` and the QuantizeInt8 node (without ComfyUI)."""
 import json
+import math
+import statistics
 import os
 
 import pytest
@@ -170,3 +172,30 @@ def test_ultra_on_int8_keeps_the_codes_of_modules_the_prune_left(tmp_path, capsy
     downs = [k for k in c if k.endswith("lora_down.weight")]
     assert downs and all(c[k].dtype == torch.int8 and c[k].shape[0] == 4 for k in downs)
     capsys.readouterr()
+
+
+def test_ultra_end_to_end_snr_equals_dense_float64(tmp_path, capsys):
+    """`ultra` reports the output's ΔW SNR against the ORIGINAL LoRA (prune and int8 errors combined): it must equal a
+    dense float64 comparison of the original and the written file, in total and per module."""
+    pytest.importorskip("lens_ops.prune")
+    src = str(tmp_path / "orig.safetensors")
+    save_file(make_lora("sd15_kohya", rank=16, seed=21, max_modules=12), src)
+    out = str(tmp_path / "u.safetensors")
+    assert main(["ultra", src, "-o", out, "--recipe", "energy=0.995", "--json"]) == 0
+    e2e = json.loads(capsys.readouterr().out)["end_to_end"]
+    a, b = LoRAModel.load(src), LoRAModel.load(out)
+    sig = err = 0.0
+    per = []
+    for m in a.modules:
+        d0 = m.delta(torch.float64)
+        got = b.get(m.name)
+        d2 = got.delta(torch.float64) if got is not None else torch.zeros_like(d0)
+        s, e = float(d0.pow(2).sum()), float((d0 - d2.reshape(d0.shape)).pow(2).sum())
+        sig, err = sig + s, err + e
+        per.append(10 * math.log10(s / e))
+    assert e2e["modules"] == len(a.modules)
+    assert abs(e2e["snr_db"] - 10 * math.log10(sig / err)) < 0.01
+    assert abs(e2e["min_snr_db"] - min(per)) < 0.01
+    assert abs(e2e["median_snr_db"] - statistics.median(per)) < 0.01
+    assert main(["ultra", src, "-o", str(tmp_path / "r.safetensors"), "--recipe", "energy=0.995,rescale=0.9"]) == 0
+    assert "End to end (vs the original): not given" in capsys.readouterr().out

@@ -90,7 +90,9 @@ def _header_bound(model) -> int:
     return 8 + len(_header_bytes(entries, model.metadata)) + 4096
 
 
-def quantize_and_print(model, args, extra_report: dict | None = None) -> dict:
+def quantize_and_print(model, args, extra_report: dict | None = None, augment=None) -> dict:
+    """Quantize to args.output (streamed), then write/print the report; `augment(full_report)` may add to the
+    report before it is written or printed."""
     from ..quantize import format_report, quantize_model
     from ..st_io import StreamWriter
     bar = Bar("quantize")
@@ -113,6 +115,8 @@ def quantize_and_print(model, args, extra_report: dict | None = None) -> dict:
     if extra_report:
         rep = {**extra_report, "quantize": rep}
     full = rep
+    if augment is not None:
+        augment(full)
     if args.report:
         with open(args.report, "w") as f:
             json.dump(full, f, indent=2, default=str)

@@ -10,6 +10,7 @@ from ..progress import Bar
 from ..quantize import _check_finite, dequantize_model
 from ..quantize.fold import FOLDABLE
 from ..quantize.codec import is_quantized
+from ..quantize.end_to_end import end_to_end
 from .quantize import _check_paths, add_quant_options, quantize_and_print, set_threads
 
 NAME = "ultra"
@@ -72,12 +73,25 @@ def run(args) -> int:
         pruned = pruned.replace_modules({m.name: codes[m.name] for m in pruned.modules
                                          if floats.get(m.name) is m and m.name in codes})
     pruned.source = model.source
-    full = quantize_and_print(pruned, args, extra_report={"recipe": args.recipe, "prune": prune_report})
+    full = quantize_and_print(pruned, args, extra_report={"recipe": args.recipe, "prune": prune_report},
+                              augment=lambda r: r.update(end_to_end=end_to_end(prune_report, r["quantize"])))
     q = full["quantize"]
     if not args.json:
         print(f"Ultra compress: {q['input_file_bytes'] / 2**20:.2f} MiB -> {q['output_file_bytes'] / 2**20:.2f} MiB "
               f"({100 * q['file_ratio']:.1f} % of {os.path.basename(args.input)}).")
+        print(_end_to_end_line(full["end_to_end"]))
     return 0
+
+
+def _end_to_end_line(e2e) -> str:
+    if e2e is None:
+        return ("End to end (vs the original): not given — the recipe rescales the kept singular values, so the prune "
+                "and int8 errors do not simply add up.")
+    def db(x):
+        return "n/a" if x is None else (f"{x:.2f} dB" if isinstance(x, float) else f"{x} dB")
+    return (f"End to end (this file vs the original): ΔW SNR {db(e2e['snr_db'])} total, relative error "
+            f"{e2e['rel_frobenius']:.4g}; per module median {db(e2e['median_snr_db'])}, min {db(e2e['min_snr_db'])} "
+            f"({e2e['worst_module']}).")
 
 
 def demo(ctx):

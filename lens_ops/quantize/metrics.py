@@ -79,6 +79,8 @@ class Stats:
             "max_error": self.max_abs,
             "rel_frobenius": (math.sqrt(self.error / self.signal) if self.signal > 0 else (0.0 if self.error == 0 else None)),
             "metrics": self.label,
+            "signal_energy": self.signal,     # ‖ΔW‖² (or Σx²): what SNR and relative error are taken against
+            "error_energy": self.error,       # ‖ΔW − ΔŴ‖² (or Σ(x − x̂)²)
         }
 
 
