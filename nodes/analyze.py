@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 from ..lens_ops.analysis import analyze, format_report, llm_text, render_heatmap
+from ..lens_ops import LensError
 from .common import CATEGORY, LORA, as_model, progress, torch_device
 
 UI_KEY = "lens_analysis"
@@ -43,6 +44,8 @@ class AnalyzeLoRA:
 
     def analyze(self, lora, block_share=0.9):
         import torch
+        if not 0.0 < float(block_share) <= 1.0:   # also refuses NaN
+            raise LensError(f"The block_share value is {block_share}; use a share in (0, 1], e.g. 0.9.")
         model = as_model(lora)
         n = max(1, len(model.modules))
         rep = analyze(model, device=torch_device(), progress=progress(n), block_share=float(block_share))

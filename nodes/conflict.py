@@ -5,6 +5,7 @@ import json
 
 from ..lens_ops.conflict import format_report, json_safe, problem_list, render, scan, view_data
 from ..lens_ops.conflict.scan import PROBLEM_THRESHOLD
+from ..lens_ops import LensError
 from .common import CATEGORY, LORA, as_model, progress, torch_device
 
 
@@ -48,6 +49,8 @@ class ConflictScan:
 
     def scan(self, lora_a, lora_b, problem_threshold=PROBLEM_THRESHOLD):
         import torch
+        if not 0.0 <= float(problem_threshold) <= 1.0:   # also refuses NaN
+            raise LensError(f"The problem_threshold value is {problem_threshold}; use a number from 0 to 1.")
         a, b = as_model(lora_a), as_model(lora_b)
         n = sum(1 for _ in a.modules)
         report = scan(a, b, device=torch_device(), progress=progress(n), problem_threshold=problem_threshold)

@@ -1,7 +1,9 @@
 """LoadLoRAFile and SaveLoRAFile: LoRA files in and out of the graph as core's LORA_MODEL."""
 from __future__ import annotations
 
+import math
 import os
+import re
 
 from ..lens_ops import LensError, LoRAModel
 from ..lens_ops.st_io import atomic_save, safe_join
@@ -42,6 +44,8 @@ class LoadLoRAFile:
             return lora_name
 
     def load(self, lora_name, bake_strength=1.0):
+        if not math.isfinite(float(bake_strength)):
+            raise LensError(f"The bake_strength value is {bake_strength}; use a finite number (1.0 = as in the file).")
         path = lora_path(lora_name)
         model = LoRAModel.load(path, progress=progress())
         info = format_summary(summarize(model, os.path.getsize(path)))
@@ -86,6 +90,14 @@ class SaveLoRAFile:
         import folder_paths
         model = as_model(lora)
         out_root = output_dir()
+        if not str(filename_prefix).strip(" /\\."):
+            raise LensError("The filename_prefix is empty; give a name such as loras/LoRA-Lens.")
+        if any(c in str(filename_prefix) for c in "\0\n\r"):
+            raise LensError("The filename_prefix contains a NUL or line-break character; use a plain file name.")
+        # the file name gets '_00001_.safetensors' appended; every part must fit the file system's 255 bytes
+        if any(len(part.encode()) > 255 - len("_00001_.safetensors") for part in re.split(r"[/\\]", filename_prefix)):
+            raise LensError("The filename_prefix is too long: each folder or file name in it must stay under "
+                            f"{255 - len('_00001_.safetensors')} bytes.")
         try:
             safe_join(out_root, filename_prefix)
         except LensError:

@@ -168,6 +168,8 @@ class PackLoRADB:
         shared_basis, snr_db, overwrite = _first(shared_basis, "off"), float(_first(snr_db, 35.0)), bool(_first(overwrite, False))
         if optimisation not in OPTIMISE:
             raise LensError(f"Unknown optimisation {optimisation!r}; choose one of: {', '.join(OPTIMISE)}.")
+        if not 0.0 < snr_db < float("inf"):   # also refuses NaN
+            raise LensError(f"The snr_db value is {snr_db}; use a finite number of dB (e.g. 35).")
         items = []
         graph = [x for x in (loras or []) if x is not None]
         given = _split(_first(lora_names, ""))

@@ -2,6 +2,8 @@
 graph on a model through ComfyUI's own LoRA patching, without saving it first)."""
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..lens_ops import LensError
@@ -100,22 +102,83 @@ class ApplyLoRA:
         bad = [k for k, v in lora.items() if not isinstance(v, torch.Tensor)]
         if bad:
             raise LensError(f"LoRA entry {bad[0]!r} is not a tensor.")
+        for name, v in (("strength_model", strength_model), ("strength_clip", strength_clip)):
+            if not math.isfinite(float(v)):
+                raise LensError(f"The {name} value is {v}; use a finite number.")
         if strength_model == 0 and strength_clip == 0:
             return {"ui": {"text": ["Strengths are 0: nothing applied."]}, "result": (model, clip)}
         sd = dict(lora)
+        lm = as_model(lora)
+        for m in lm.modules:
+            if m.nonfinite():
+                raise LensError(f"LoRA module {m.name} contains {m.nonfinite()} NaN/Inf value(s); applying it would "
+                                "turn the model's outputs into NaN (fix or remove that module first).")
         key_map = {}
         if model is not None:
             key_map = comfy.lora.model_lora_keys_unet(model.model, key_map)
         if clip is not None:
             key_map = comfy.lora.model_lora_keys_clip(clip.cond_stage_model, key_map)
         matched = len(comfy.lora.load_lora(comfy.lora_convert.convert_lora(dict(sd)), key_map, log_missing=False))
+        _check_fit(lm, key_map, matched, model, clip)
         new_model, new_clip = comfy.sd.load_lora_for_models(model, clip, sd, strength_model, strength_clip)
-        total = len(as_model(lora).modules)
-        text = (f"Applied {matched} weight patch(es) from {total} LoRA module(s) "
+        text = (f"Applied {matched} weight patch(es) from {len(lm.modules)} LoRA module(s) "
                 f"(strength model {strength_model:g}, clip {strength_clip:g}).")
-        if matched == 0:
-            text += " No module matched this model: is the LoRA for another architecture?"
         return {"ui": {"text": [text]}, "result": (new_model, new_clip)}
+
+
+# ComfyUI's model config classes in the words users know (others: the class name)
+_MODEL_LABELS = {"SD15": "SD 1.5", "SD15_instructpix2pix": "SD 1.5", "SD20": "SD 2.x", "SD21UnclipL": "SD 2.x",
+                 "SD21UnclipH": "SD 2.x", "SDXL": "SDXL", "SDXLRefiner": "SDXL refiner", "SDXL_instructpix2pix": "SDXL",
+                 "SD3": "SD3", "Flux": "FLUX.1", "FluxSchnell": "FLUX.1", "FluxInpaint": "FLUX.1"}
+
+
+def _model_label(model) -> str:
+    name = type(getattr(getattr(model, "model", None), "model_config", None)).__name__
+    return _MODEL_LABELS.get(name, name if name != "NoneType" else "this")
+
+
+def _check_fit(lm, key_map: dict, matched: int, model, clip) -> None:
+    """Refuse a LoRA none of whose modules names a layer of the model, or whose layers have other shapes than
+    the model's (core would patch the rest and skip those with log errors at sampling time)."""
+    arch = lm.architecture
+    what = f"This {arch.label} LoRA" if arch.id != "unknown" else "This LoRA"
+    target = f"the {_model_label(model)} model"
+    if matched == 0:
+        raise LensError(f"{what} changes no layer of {target} (none of its {len(lm.modules)} module names match): "
+                        "it was made for another base model.")
+    shapes = {}
+    if model is not None:
+        shapes.update({k: tuple(v.shape) for k, v in model.model.state_dict().items()})
+    if clip is not None:
+        shapes.update({k: tuple(v.shape) for k, v in clip.cond_stage_model.state_dict().items()})
+    checked, bad = 0, []
+    for m in lm.modules:
+        key = key_map.get(m.name)
+        try:
+            ws = m.weight_shape()
+        except Exception:  # a kind whose shape cannot be read is left to core
+            ws = None
+        if key is None or ws is None or len(ws) < 2:
+            continue
+        if isinstance(key, tuple):
+            base, (dim, _start, size) = key[0], key[1][:3]
+            shape = list(shapes.get(base, ()))
+            if not shape:
+                continue
+            shape[dim] = size
+        else:
+            shape = shapes.get(key)
+            if shape is None:
+                continue
+        checked += 1
+        if ws[0] != shape[0] or math.prod(ws) != math.prod(shape):
+            bad.append((m.name, ws, tuple(shape)))
+    if bad:
+        name, ws, shape = bad[0]
+        dims = lambda s: "×".join(str(x) for x in s)  # noqa: E731
+        raise LensError(f"{what} does not fit {target}: {len(bad)} of the {checked} layers it changes have other "
+                        f"shapes (e.g. {name}: {dims(ws)} in the LoRA, {dims(shape)} in the model); use a LoRA made "
+                        f"for this model.")
 
 
 NODE_CLASS_MAPPINGS = {"QuantizeInt8": QuantizeInt8, "ApplyLoRA": ApplyLoRA}

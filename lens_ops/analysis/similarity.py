@@ -112,6 +112,24 @@ def similarity_groups(model: LoRAModel, entries: dict, device="cpu") -> list[dic
     return out
 
 
+def _cols(f) -> int:
+    return (f[0] if f[1] is None else f[1]).shape[1]
+
+
+def _inner(f1, f2) -> float:
+    """⟨ΔW₁, ΔW₂⟩_F from `_factors` results; A = None (a dense ΔW) is the identity, never materialised."""
+    (b1, a1, s1), (b2, a2, s2) = f1, f2
+    if a1 is None and a2 is None:
+        ip = (b1 * b2).sum()
+    elif a1 is None:
+        ip = ((b1 @ a2.transpose(0, 1)) * b2).sum()
+    elif a2 is None:
+        ip = ((b2 @ a1.transpose(0, 1)) * b1).sum()
+    else:
+        ip = frobenius_inner(b1, a1, b2, a2)
+    return float(ip) * s1 * s2
+
+
 def duplicates(model: LoRAModel, entries: dict, device="cpu", tol: float = 1e-5) -> list[list[str]]:
     """Pairs of modules with the same ΔW (cosine ≥ 1−tol and equal norms), confirmed exactly from factors."""
     buckets = defaultdict(list)
@@ -127,9 +145,9 @@ def duplicates(model: LoRAModel, entries: dict, device="cpu", tol: float = 1e-5)
             for j in range(i + 1, len(names)):
                 m1, m2 = model.get(names[i]), model.get(names[j])
                 f1, f2 = _factors(m1, torch.float64, device), _factors(m2, torch.float64, device)
-                if f1 is None or f2 is None or f1[0].shape[0] != f2[0].shape[0] or f1[1].shape[1] != f2[1].shape[1]:
+                if f1 is None or f2 is None or f1[0].shape[0] != f2[0].shape[0] or _cols(f1) != _cols(f2):
                     continue
-                ip = float(frobenius_inner(f1[0] * f1[2], f1[1], f2[0] * f2[2], f2[1]))
+                ip = _inner(f1, f2)
                 n1, n2 = entries[names[i]]["frobenius_norm"], entries[names[j]]["frobenius_norm"]
                 if n1 > 0 and n2 > 0 and ip / (n1 * n2) >= 1 - tol and abs(n1 - n2) <= tol * max(n1, n2):
                     pairs.append([names[i], names[j]])

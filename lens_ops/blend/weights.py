@@ -15,6 +15,7 @@ indexed item beats a plain one; of equal ones the later wins). Unlisted parts ke
 """
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 
@@ -79,6 +80,8 @@ def parse_block_weights(text: str | None) -> BlockWeights:
             value = float(val)
         except ValueError:
             raise LensError(f"Block weight {raw!r}: {val!r} is not a number.") from None
+        if not math.isfinite(value):
+            raise LensError(f"Block weight {raw!r}: {val!r} is not a finite number.")
         key = ALIASES.get(key, key)
         if key in COMPONENT_KEYS:
             bw.components["model" if key in ("unet", "transformer", "dit") else key] = value

@@ -172,6 +172,11 @@ def prepare_coded(srcs, writer, recipe=None, int8=False, shared_basis="off", snr
     try:
         out.spill = spill = Spill(out.tmpdir)
         originals = [s.model(mapped=True) for s in srcs]
+        for src, orig in zip(srcs, originals):   # a NaN/Inf would reach the SVDs and fail there unnamed
+            for om in orig.modules:
+                if om.kind.name != "unknown" and om.nonfinite():
+                    raise LensError(f"{src.file_name}: module {om.name} contains NaN/Inf values, so it cannot be "
+                                    "stored lossily (fix or drop that module, or pack this LoRA lossless).")
         settings = {"coder": "qcoef", "snr_db": snr_db}
         if recipe:
             prune_model = _prune_model_fn()

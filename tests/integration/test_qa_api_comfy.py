@@ -1,0 +1,188 @@
+"""QA of every LoRA Lens node the way a user's script meets it: through a real ComfyUI server's HTTP API
+(`POST /prompt`, `/history/<id>`, `/object_info`, `/view`), on LoRAs the other suites do not use, wired to and from
+ComfyUI's own LORA_MODEL nodes (Train LoRA, Load LoRA Model, Save LoRA Weights, Extract and Save Lora).
+
+Bad inputs must fail the prompt with one sentence naming the problem (no traceback text as the message), leave
+the server running and write no file."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import sys
+import urllib.request
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from integration.conftest import errors_of
+from lens_ops.synth import make_lora
+
+OURS = ["LoadLoRAFile", "SaveLoRAFile", "AnalyzeLoRA", "PruneRank", "QuantizeInt8", "ApplyLoRA", "ConflictScan",
+        "BlendLoRAs", "PackLoRADB", "ExtractLoRADB"]
+QUANT = {"format": "int8", "method": "rebalance+rotate", "min_snr_db": 40.0, "keep_fp16_below": False}
+
+
+def _ckpt(server) -> str:
+    from integration.tiny_checkpoint import cached_sd15_checkpoint
+    dest = os.path.join(server.base, "checkpoints", "tiny_sd15.safetensors")
+    if not os.path.exists(dest):
+        os.makedirs(os.path.dirname(dest), exist_ok=True)
+        os.symlink(cached_sd15_checkpoint(python=os.environ.get("COMFYUI_PYTHON", sys.executable)), dest)
+    return "tiny_sd15.safetensors"
+
+
+def _put(server, name: str, sd: dict, metadata: dict | None = None) -> str:
+    save_file({k: v.contiguous() for k, v in dict(sd).items()}, os.path.join(server.loras, name), metadata=metadata)
+    return name
+
+
+def _load(nid: str, name: str) -> dict:
+    return {nid: {"class_type": "LoadLoRAFile", "inputs": {"lora_name": name}}}
+
+
+def _files(folder: str) -> list[str]:
+    return sorted(os.path.relpath(os.path.join(d, f), folder) for d, _, fs in os.walk(folder) for f in fs)
+
+
+def _error(entry: dict, node_type: str) -> str:
+    """The one execution error of a failed prompt, checked to be a sentence from `node_type`, not a traceback."""
+    assert entry["status"]["status_str"] == "error", "the prompt succeeded"
+    msgs = [m[1] for m in entry["status"]["messages"] if m[0] == "execution_error"]
+    assert len(msgs) == 1, msgs
+    assert msgs[0]["node_type"] == node_type, msgs[0]
+    text = msgs[0]["exception_message"].strip()
+    assert msgs[0]["exception_type"].endswith("LensError"), (msgs[0]["exception_type"], text)
+    assert "Traceback" not in text and "\n" not in text and 15 < len(text) < 600, text
+    assert text[0].isupper() or text[0] in "'\"" or re.match(r"[\w.-]+\.(safetensors|loradb)\b", text), text
+    return text
+
+
+def _alive(server) -> None:
+    assert "LoadLoRAFile" in server.object_info("LoadLoRAFile")
+
+
+@pytest.fixture(scope="module")
+def sd15(comfy_server):
+    """Two fresh SD 1.5 kohya LoRAs (UNet + text encoder, ranks 4 and 6) in the loras folder."""
+    a = make_lora("sd15_kohya", rank=4, seed=1101)
+    b = make_lora("sd15_kohya", rank=6, seed=1102)
+    return _put(comfy_server, "qaapi_a.safetensors", a, a.metadata), _put(comfy_server, "qaapi_b.safetensors", b, b.metadata)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ApplyLoRA: a LoRA that cannot apply to the model must say so, not patch half the model silently
+
+def _apply_prompt(ckpt: str, lora_nodes: dict, lora_ref) -> dict:
+    p = {"c": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}},
+         "ap": {"class_type": "ApplyLoRA", "inputs": {"model": ["c", 0], "clip": ["c", 1], "lora": lora_ref,
+                                                     "strength_model": 1.0, "strength_clip": 1.0}},
+         "out": {"class_type": "PreviewAny", "inputs": {"source": ["ap", 0]}}}
+    p.update(lora_nodes)
+    return p
+
+
+@pytest.mark.parametrize("layout,expect", [("sdxl_kohya", "SDXL"), ("flux_kohya", "FLUX.1")])
+def test_apply_lora_for_another_architecture_is_refused(comfy_server, layout, expect):
+    """An SDXL LoRA on SD 1.5 used to patch the 168 layers whose names exist in both (half of them with other
+    shapes, which core then skips at sampling time with log errors) and report success; a FLUX LoRA patched
+    nothing and also reported success."""
+    ckpt = _ckpt(comfy_server)
+    sd = make_lora(layout, rank=4, seed=1201, max_modules=None if layout == "sdxl_kohya" else 30)
+    name = _put(comfy_server, f"qaapi_{layout}.safetensors", sd)
+    e = comfy_server.run(_apply_prompt(ckpt, _load("1", name), ["1", 0]))
+    msg = _error(e, "ApplyLoRA")
+    assert expect in msg and "SD 1.5" in msg, msg
+    _alive(comfy_server)
+
+
+def test_apply_lora_with_nan_is_refused(comfy_server):
+    """A NaN in one factor used to be applied silently (every image of the patched model turns black/NaN)."""
+    ckpt = _ckpt(comfy_server)
+    sd = make_lora("sd15_kohya", rank=4, seed=1202)
+    key = sorted(k for k in sd if k.endswith("lora_up.weight"))[5]
+    sd[key] = sd[key].clone()
+    sd[key][1, 2] = float("nan")
+    name = _put(comfy_server, "qaapi_nan.safetensors", sd)
+    e = comfy_server.run(_apply_prompt(ckpt, _load("1", name), ["1", 0]))
+    msg = _error(e, "ApplyLoRA")
+    assert "NaN" in msg and key[: -len(".lora_up.weight")] in msg, msg
+    _alive(comfy_server)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Widget values a script can send that the browser cannot: NaN/Inf (Python's json writes them and ComfyUI's
+# range check lets NaN through), empty or impossible names. One sentence, nothing written.
+
+NAN = float("nan")
+
+
+def _save(ref, prefix: str) -> dict:
+    return {"s": {"class_type": "SaveLoRAFile", "inputs": {"lora": ref, "filename_prefix": prefix,
+                                                           "copy_to_loras": False}}}
+
+
+def _bad_widget_cases(a: str, b: str) -> dict:
+    load2 = {**_load("1", a), **_load("2", b)}
+    blend = {"lora_a": ["1", 0], "lora_b": ["2", 0], "weight_a": 1.0, "weight_b": 1.0, "rank": 0, "method": "concat"}
+    return {
+        "bake_strength_nan": ("LoadLoRAFile", "bake_strength",
+                              {"1": {"class_type": "LoadLoRAFile", "inputs": {"lora_name": a, "bake_strength": NAN}},
+                               **_save(["1", 0], "qaw_bake/x")}),
+        "block_weights_nan": ("BlendLoRAs", "in=nan",
+                              {**load2, "3": {"class_type": "BlendLoRAs", "inputs": {**blend, "block_weights": "in=nan:out=1"}},
+                               **_save(["3", 0], "qaw_bw/x")}),
+        "block_weights_inf": ("BlendLoRAs", "out=inf",
+                              {**load2, "3": {"class_type": "BlendLoRAs", "inputs": {**blend, "block_weights": "out=inf"}},
+                               **_save(["3", 0], "qaw_bw2/x")}),
+        "problem_threshold_nan": ("ConflictScan", "problem_threshold",
+                                  {**load2, "3": {"class_type": "ConflictScan", "inputs": {
+                                      "lora_a": ["1", 0], "lora_b": ["2", 0], "problem_threshold": NAN}}}),
+        "block_share_nan": ("AnalyzeLoRA", "block_share",
+                            {**_load("1", a), "3": {"class_type": "AnalyzeLoRA", "inputs": {"lora": ["1", 0],
+                                                                                            "block_share": NAN}}}),
+        "apply_strength_nan": ("ApplyLoRA", "strength_model", None),
+        "save_prefix_empty": ("SaveLoRAFile", "filename_prefix", {**_load("1", a), **_save(["1", 0], "")}),
+        "save_prefix_nul": ("SaveLoRAFile", "filename_prefix", {**_load("1", a), **_save(["1", 0], "qaw_nul/a\u0000b")}),
+        "save_prefix_too_long": ("SaveLoRAFile", "filename_prefix", {**_load("1", a), **_save(["1", 0], "qaw_long/" + "x" * 300)}),
+        "pack_snr_nan": ("PackLoRADB", "snr", {"3": {"class_type": "PackLoRADB", "inputs": {
+            "name": "qaw_snr_nan", "creator": "", "description": "", "tags": "", "optimisation": "int8", "recipe": "",
+            "shared_basis": "off", "snr_db": NAN, "overwrite": False, "lora_file_1": a}}}),
+    }
+
+
+@pytest.mark.parametrize("case", list(_bad_widget_cases("a", "b")))
+def test_bad_widget_values_fail_with_one_sentence_and_write_nothing(comfy_server, sd15, case):
+    node, word, prompt = _bad_widget_cases(*sd15)[case]
+    if prompt is None:
+        prompt = _apply_prompt(_ckpt(comfy_server), _load("1", sd15[0]), ["1", 0])
+        prompt["ap"]["inputs"]["strength_model"] = NAN
+    out_before, db_before = _files(comfy_server.output), _files(os.path.join(comfy_server.base, "loradb"))
+    e = comfy_server.run(prompt)
+    msg = _error(e, node)
+    assert word.lower() in msg.lower(), msg
+    assert _files(comfy_server.output) == out_before
+    assert _files(os.path.join(comfy_server.base, "loradb")) == db_before
+    _alive(comfy_server)
+
+
+def test_pack_int8_of_a_lora_with_nan_names_the_module(comfy_server):
+    """PackLoRADB int8 on a LoRA with a NaN factor failed with torch's 'linalg.svd: The algorithm failed to
+    converge because the input matrix contained non-finite values.'"""
+    sd = make_lora("sd15_kohya", rank=4, seed=1301, max_modules=12)
+    key = sorted(k for k in sd if k.endswith("lora_down.weight"))[2]
+    sd[key] = sd[key].clone()
+    sd[key][0, 3] = float("inf")
+    name = _put(comfy_server, "qaapi_inf_pack.safetensors", sd)
+    db = os.path.join(comfy_server.base, "loradb")
+    before = _files(db)
+    for opt in ("int8", "prune + int8"):
+        e = comfy_server.run({"3": {"class_type": "PackLoRADB", "inputs": {
+            "name": "qaw_inf", "creator": "", "description": "", "tags": "", "optimisation": opt,
+            "recipe": "energy=0.99", "shared_basis": "off", "snr_db": 35.0, "overwrite": False, "lora_file_1": name}}})
+        msg = _error(e, "PackLoRADB")
+        assert "NaN" in msg and key[: -len(".lora_down.weight")] in msg, msg
+        assert _files(db) == before
