@@ -186,3 +186,147 @@ def test_pack_int8_of_a_lora_with_nan_names_the_module(comfy_server):
         msg = _error(e, "PackLoRADB")
         assert "NaN" in msg and key[: -len(".lora_down.weight")] in msg, msg
         assert _files(db) == before
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# /object_info: what the issues promise, literally
+
+PROMISED = {  # node: (required input names that must exist, output types, output names)
+    "LoadLoRAFile": (["lora_name"], ["LORA_MODEL", "STRING"], ["lora", "info"]),
+    "SaveLoRAFile": (["lora", "filename_prefix", "copy_to_loras"], ["STRING"], None),
+    "AnalyzeLoRA": (["lora"], ["STRING", "STRING", "IMAGE", "STRING"], None),
+    "PruneRank": (["lora"], ["LORA_MODEL", "STRING"], None),
+    "QuantizeInt8": (["lora"], ["LORA_MODEL", "STRING"], None),
+    "ApplyLoRA": (["model", "clip", "lora", "strength_model", "strength_clip"], ["MODEL", "CLIP"], None),
+    "ConflictScan": (["lora_a", "lora_b"], ["STRING", "STRING", "IMAGE", "STRING", "FLOAT", "FLOAT"], None),
+    "BlendLoRAs": (["lora_a", "lora_b", "weight_a", "weight_b", "rank", "method"], ["LORA_MODEL", "STRING"], None),
+    "PackLoRADB": (["name", "creator", "description", "tags", "optimisation", "shared_basis"], None, None),
+    "ExtractLoRADB": (["loradb", "entries", "write_to_loras"], ["LORA_MODEL", "STRING", "STRING"], None),
+}
+
+
+def test_object_info_keeps_every_promise(comfy_server):
+    info = comfy_server.object_info()
+    for node, (inputs, types, names) in PROMISED.items():
+        spec = info[node]
+        assert spec["category"] == "LoRA Lens", node
+        assert len(spec["description"]) > 40 and spec["display_name"] and "LoRA" in spec["display_name"], node
+        required = spec["input"]["required"]
+        assert set(inputs) <= set(required), (node, set(inputs) - set(required))
+        for section in ("required", "optional"):
+            for name, s in spec["input"].get(section, {}).items():
+                assert len(s) > 1 and len(s[1].get("tooltip", "")) > 10, f"{node}.{name} has no tooltip"
+        if types is not None:
+            assert spec["output"] == types, node
+        if names is not None:
+            assert spec["output_name"] == names, node
+        assert len(spec.get("output_tooltips") or []) == len(spec["output"]), node
+    # the LORA_MODEL socket is core's: core's producer and consumers use the same type name
+    assert info["TrainLoraNode"]["output"][1] == "LORA_MODEL"
+    assert info["LoraModelLoader"]["input"]["required"]["lora"][0] == "LORA_MODEL"
+    assert info["SaveLoRANode"]["input"]["required"]["lora"][0] == "LORA_MODEL"
+    assert info["ExtractLoRADB"]["output_is_list"][0] is True
+    assert "BlendLoRAs" in info and info["BlendLoRAs"]["input"]["required"]["weight_a"][0] == "FLOAT"
+    assert info["BlendLoRAs"]["input"]["optional"]["exclude"][0] == "STRING"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Core's own LORA_MODEL producer: Train LoRA (one step on the tiny SD 1.5) into every node of ours
+
+def _train(ckpt: str, algorithm: str = "LoRA") -> dict:
+    return {"c": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}},
+            "t1": {"class_type": "CLIPTextEncode", "inputs": {"text": "a cat", "clip": ["c", 1]}},
+            "t2": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+            "tr": {"class_type": "TrainLoraNode", "inputs": {
+                "model": ["c", 0], "latents": ["t2", 0], "positive": ["t1", 0], "batch_size": 1,
+                "grad_accumulation_steps": 1, "steps": 1, "learning_rate": 0.001, "rank": 4, "optimizer": "AdamW",
+                "loss_function": "MSE", "seed": 3, "training_dtype": "fp32", "lora_dtype": "bf16",
+                "algorithm": algorithm, "gradient_checkpointing": False, "existing_lora": "[None]"}}}
+
+
+def _only_file(folder: str) -> str:
+    files = os.listdir(folder)
+    assert len(files) == 1, files
+    return os.path.join(folder, files[0])
+
+
+def test_core_trained_lora_into_every_node(comfy_server):
+    """Train LoRA's output (bf16 nn.Parameters, 0-d alphas, `.diff`/`.diff_b` for norms and biases whose
+    entries all equal ±lr after one step) into Analyze/Prune/Quantize/ConflictScan/Blend/Save/Apply/Pack, and
+    our outputs back into core's Load LoRA Model and Save LoRA Weights. AnalyzeLoRA used to fail on it with
+    "'NoneType' object has no attribute 'shape'" (equal `.diff` modules in the duplicate check)."""
+    from lens_ops import LoRAModel
+    ckpt = _ckpt(comfy_server)
+    p = _train(ckpt)
+    p.update({
+        "core_save": {"class_type": "SaveLoRANode", "inputs": {"lora": ["tr", 1], "prefix": "qat_core/trained"}},
+        "an": {"class_type": "AnalyzeLoRA", "inputs": {"lora": ["tr", 1]}},
+        "an_img": {"class_type": "PreviewImage", "inputs": {"images": ["an", 2]}},
+        "pr": {"class_type": "PruneRank", "inputs": {"lora": ["tr", 1], "method": "energy", "value": 0.99, "recipe": ""}},
+        "q": {"class_type": "QuantizeInt8", "inputs": {"lora": ["pr", 0], **QUANT}},
+        "cs": {"class_type": "ConflictScan", "inputs": {"lora_a": ["tr", 1], "lora_b": ["q", 0]}},
+        "bl": {"class_type": "BlendLoRAs", "inputs": {"lora_a": ["tr", 1], "lora_b": ["q", 0], "weight_a": ["cs", 4],
+                                                     "weight_b": ["cs", 5], "rank": 0, "method": "concat",
+                                                     "exclude": ["cs", 3]}},
+        "save_ours": {"class_type": "SaveLoRAFile", "inputs": {"lora": ["tr", 1], "filename_prefix": "qat_ours/trained",
+                                                              "copy_to_loras": False}},
+        "save_q_core": {"class_type": "SaveLoRANode", "inputs": {"lora": ["q", 0], "prefix": "qat_q_core/q"}},
+        "save_q_ours": {"class_type": "SaveLoRAFile", "inputs": {"lora": ["q", 0], "filename_prefix": "qat_q_ours/q",
+                                                                "copy_to_loras": False}},
+        "save_bl": {"class_type": "SaveLoRANode", "inputs": {"lora": ["bl", 0], "prefix": "qat_bl/b"}},
+        "ap": {"class_type": "ApplyLoRA", "inputs": {"model": ["c", 0], "clip": ["c", 1], "lora": ["tr", 1],
+                                                    "strength_model": 1.0, "strength_clip": 1.0}},
+        "core_ld": {"class_type": "LoraModelLoader", "inputs": {"model": ["c", 0], "lora": ["bl", 0],
+                                                               "strength_model": 1.0}},
+        "cs_rep": {"class_type": "PreviewAny", "inputs": {"source": ["cs", 0]}},
+        "cs_ra": {"class_type": "PreviewAny", "inputs": {"source": ["cs", 4]}},
+        "cs_rb": {"class_type": "PreviewAny", "inputs": {"source": ["cs", 5]}},
+        "cs_pl": {"class_type": "PreviewAny", "inputs": {"source": ["cs", 3]}},
+        "show1": {"class_type": "PreviewAny", "inputs": {"source": ["ap", 0]}},
+        "show2": {"class_type": "PreviewAny", "inputs": {"source": ["core_ld", 0]}},
+        "pack": {"class_type": "PackLoRADB", "inputs": {
+            "name": "qat_trained", "creator": "", "description": "", "tags": "", "optimisation": "none (lossless)",
+            "recipe": "", "shared_basis": "off", "snr_db": 35.0, "overwrite": True, "loras": ["tr", 1],
+            "lora_names": "trained"}},
+    })
+    e = comfy_server.run(p, timeout=1200)
+    assert e["status"]["status_str"] == "success", errors_of(e)
+    out = e["outputs"]
+    rep = json.loads(out["an"]["lens_analysis"][0])
+    assert rep["summary"]["architecture"] == "SD 1.5" and len(rep["modules"]) > 300
+    assert any(m.get("kind") == "diff" or "diff" in json.dumps(m)[:400] for m in rep["modules"].values())
+    assert "Applied" in out["ap"]["text"][0]
+    # the trained LoRA as core saved it equals what SaveLoRAFile saved, tensor for tensor
+    core = load_file(_only_file(os.path.join(comfy_server.output, "qat_core")))
+    ours = load_file(_only_file(os.path.join(comfy_server.output, "qat_ours")))
+    assert set(core) == set(ours)
+    assert all(core[k].dtype == ours[k].dtype and torch.equal(core[k], ours[k]) for k in core)
+    # our int8 output through core's Save LoRA Weights: the same tensors as our own writer (int8 codes kept)
+    qc = load_file(_only_file(os.path.join(comfy_server.output, "qat_q_core")))
+    qo = load_file(_only_file(os.path.join(comfy_server.output, "qat_q_ours")))
+    assert set(qc) == set(qo) and any(v.dtype == torch.int8 for v in qc.values())
+    assert all(torch.equal(qc[k], qo[k]) for k in qc)
+    # the blend saved by core is what ConflictScan's ratios asked for: w1·ΔW_trained + w2·ΔW_int8, exactly
+    report = json.loads(out["cs_rep"]["text"][0])
+    ratio_a, ratio_b = float(out["cs_ra"]["text"][0]), float(out["cs_rb"]["text"][0])
+    assert (ratio_a, ratio_b) == (report["recommended_ratio"]["a"], report["recommended_ratio"]["b"])
+    problems = [x for x in out["cs_pl"]["text"][0].splitlines() if x.strip() and not x.startswith("#")]
+    assert problems == [m["name"] if isinstance(m, dict) else m for m in report["problem_modules"]] or not problems
+    some = next(iter(report["modules"].values()))
+    assert {"cosine", "norm_ratio", "subspace_overlap", "interference"} <= set(some)
+    blend = LoRAModel.from_state_dict(load_file(_only_file(os.path.join(comfy_server.output, "qat_bl"))))
+    m1, m2 = LoRAModel.from_state_dict(core), LoRAModel.from_state_dict(qo)
+    checked = 0
+    for m in m1.modules:
+        b, q = blend.get(m.name), m2.get(m.name)
+        d1 = m.delta(torch.float64)
+        if b is None or q is None or d1 is None or m.name in problems or d1.norm() == 0:
+            continue
+        ref = ratio_a * d1 + ratio_b * q.delta(torch.float64)
+        got = b.delta(torch.float64)
+        assert (got - ref).norm() / ref.norm() < 2e-2, m.name   # bf16 output of A's dtype
+        checked += 1
+    assert checked > 200
+    packed = os.path.join(comfy_server.base, "loradb", "qat_trained.loradb")
+    assert os.path.isfile(packed)
+    _alive(comfy_server)
