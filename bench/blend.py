@@ -7,8 +7,11 @@
    (peak RSS after the blend minus peak RSS once the memory-mapped inputs are resident), for the in-memory result
    the node returns (output tensors included, shown separately) and for the CLI path that streams every module to
    the output file as it is made (`blend_to_file`).
+4. TIES and DARE to rank 64 on FLUX r64 layers (the modules of one double and one single block, --flux-subset):
+   LoRA Lens (row blocks, `rowwise.py`) vs a straightforward whole-matrix TIES/DARE (dense τ_i, kthvalue, the
+   same re-factoring), time and working memory.
 
-Usage: python bench/blend.py [--runs 3] [--steps 1,2,3] [--skip-flux] [--subset REGEX]
+Usage: python bench/blend.py [--runs 3] [--steps 1,2,3,4] [--skip-flux] [--subset REGEX] [--flux-subset REGEX]
 On a busy shared machine set LENS_BENCH_THREADS=1 so that every measured process, baseline included, runs on one
 thread (oversubscribed OpenMP makes small LAPACK calls 10–100× slower and the numbers meaningless).
 """
@@ -82,6 +85,30 @@ for ma, mb in zip(a.modules, b.modules):
     res[ma.name] = ((u[:, :k] * s[:k].sqrt()).half(), (s[:k].sqrt()[:, None] * vh[:k]).half())
 """
 
+DENSE_TIES_DARE = """
+# the straightforward whole-matrix route: every τ_i dense, TIES threshold by kthvalue, then the same re-factoring
+from lens_ops.blend.methods import dare_masks, dense_to_factors
+from lens_ops.conflict.matching import canonical_key
+res = {{}}
+for ma, mb in zip(a.modules, b.modules):
+    taus = [0.7 * ma.delta(torch.float32), 0.3 * mb.delta(torch.float32)]
+    taus = [x.reshape(x.shape[0], -1) for x in taus]
+    if {method!r} == "ties":
+        trimmed = []
+        for tau in taus:
+            k = max(1, int(round(0.2 * tau.numel())))
+            thr = tau.abs().reshape(-1).kthvalue(tau.numel() - k + 1).values
+            trimmed.append(torch.where(tau.abs() >= thr, tau, torch.zeros((), dtype=tau.dtype)))
+        sign = torch.sign(trimmed[0] + trimmed[1])
+        agree = [(x * sign) > 0 for x in trimmed]
+        merged = sum(torch.where(g, x, torch.zeros((), dtype=x.dtype)) for g, x in zip(agree, trimmed))
+        merged = merged / (agree[0].float() + agree[1].float()).clamp_min(1)
+    else:
+        masks = dare_masks(taus[0].shape, 0.2, 0, canonical_key(ma), 2)
+        merged = taus[0] * masks[0] / 0.2 + taus[1] * masks[1] / 0.2
+    res[ma.name] = dense_to_factors(merged, 64)[:2]
+"""
+
 WHOLE = """
 a = LoRAModel.load({a!r}); b = LoRAModel.load({b!r})
 inputs = (a.nbytes + b.nbytes) / 2**20
@@ -139,7 +166,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--skip-flux", action="store_true")
-    ap.add_argument("--steps", default="1,2,3", help="which parts to run (comma separated)")
+    ap.add_argument("--steps", default="1,2,3,4", help="which parts to run (comma separated)")
+    ap.add_argument("--flux-subset", default=r"(double|single)_blocks_0_")
     ap.add_argument("--subset", default=r"input_blocks_[45]_1_transformer_blocks_[01]_|te1_text_model_encoder_layers_[01]_")
     args = ap.parse_args()
 
@@ -150,6 +178,8 @@ def main():
         step2(args)
     if "3" in steps:
         step3(args)
+    if "4" in steps and not args.skip_flux:
+        step4(args)
 
 
 def step1(args):
@@ -191,6 +221,22 @@ def step2(args):
         rows.append([f"LoRA Lens {method}" + (f" rank {rank}" if rank else " (exact, rank 128)"),
                      f"{o['elapsed']:.2f}", f"{o['elapsed'] / dense['elapsed']:.3f}", f"{o['peak_extra']:.0f}"])
     print(table(rows, ["method", "seconds", "× baseline", "extra MiB"]) + f"\n({dense['modules']} modules)\n")
+
+
+def step4(args):
+    print(f"4. TIES / DARE to rank 64 (density 0.2), two FLUX rank-64 LoRAs, module subset /{args.flux_subset}/")
+    a, b = generated("flux_kohya", 64, 0), generated("flux_kohya", 64, 1)
+    rows = []
+    for method in ("ties", "dare"):
+        base = run(SUBSET.format(subset=args.flux_subset, a=a, b=b, body=DENSE_TIES_DARE.format(method=method)),
+                   args.runs)
+        ours = run(SUBSET.format(subset=args.flux_subset, a=a, b=b,
+                                 body=OURS.replace("{rank})", "{rank}, density=0.2)").format(method=method, rank=64)),
+                   args.runs)
+        rows.append([f"{method}: whole matrices (baseline)", f"{base['elapsed']:.2f}", "1.00", f"{base['peak_extra']:.0f}"])
+        rows.append([f"{method}: LoRA Lens (row blocks)", f"{ours['elapsed']:.2f}",
+                     f"{ours['elapsed'] / base['elapsed']:.2f}", f"{ours['peak_extra']:.0f}"])
+    print(table(rows, ["route", "seconds", "× baseline", "extra MiB (peak)"]) + f"\n({ours['modules']} modules)\n")
 
 
 def step3(args):
