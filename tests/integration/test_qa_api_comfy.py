@@ -330,3 +330,102 @@ def test_core_trained_lora_into_every_node(comfy_server):
     packed = os.path.join(comfy_server.base, "loradb", "qat_trained.loradb")
     assert os.path.isfile(packed)
     _alive(comfy_server)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A core-format LoRA file (what core's "Extract and Save Lora" writes: diffusion_model.* / text_encoders.* keys,
+# lora_up/lora_down without alpha, conv factors as 4-D, .diff for 1-D weights and .diff_b for biases), made with
+# core's own extract_lora on small SD 1.5 layer diffs (running the node on the whole tiny checkpoint takes a full
+# SVD of the 49408×768 token embedding: ~10 GB)
+
+CORE_LAYERS = {  # model key (without .weight) → shape in the SD 1.5 checkpoint
+    "diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_q": (320, 320),
+    "diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k": (320, 768),
+    "diffusion_model.input_blocks.1.1.proj_in": (320, 320, 1, 1),
+    "diffusion_model.input_blocks.1.0.in_layers.2": (320, 320, 3, 3),
+    "diffusion_model.middle_block.1.transformer_blocks.0.ff.net.2": (1280, 5120),
+    "text_encoders.clip_l.transformer.text_model.encoder.layers.0.self_attn.q_proj": (768, 768),
+    "text_encoders.clip_l.transformer.text_model.encoder.layers.3.mlp.fc1": (3072, 768),
+}
+
+
+def _core_format_lora(comfy_inproc) -> dict:
+    from comfy_extras.nodes_lora_extract import extract_lora
+    g = torch.Generator().manual_seed(77)
+    sd = {}
+    for i, (name, shape) in enumerate(CORE_LAYERS.items()):
+        out_f, in_f = shape[0], math.prod(shape[1:])
+        s = torch.exp(-torch.arange(min(out_f, in_f), dtype=torch.float32) / 6.0) * 200.0 / math.sqrt(in_f)
+        u, _ = torch.linalg.qr(torch.randn(out_f, s.numel(), generator=g))
+        v, _ = torch.linalg.qr(torch.randn(in_f, s.numel(), generator=g))
+        diff = ((u * s) @ v.T).reshape(shape)
+        up, down = extract_lora(diff, 8)
+        sd[f"{name}.lora_up.weight"] = up.contiguous().half()
+        sd[f"{name}.lora_down.weight"] = down.contiguous().half()
+        sd[f"{name}.diff_b"] = (0.01 * torch.randn(out_f, generator=g)).half()
+    sd["diffusion_model.input_blocks.1.1.norm.diff"] = (0.02 * torch.randn(320, generator=g)).half()
+    return sd
+
+
+def test_core_format_lora_through_our_nodes_applies_like_core(comfy_server, comfy_inproc):
+    from integration.sampling import sample_prompt, saved_image
+    from lens_ops import LoRAModel
+    ckpt = _ckpt(comfy_server)
+    name = _put(comfy_server, "qaapi_core_format.safetensors", _core_format_lora(comfy_inproc))
+    graph = {**_load("10", name),
+             "11": {"class_type": "AnalyzeLoRA", "inputs": {"lora": ["10", 0]}},
+             "12": {"class_type": "PruneRank", "inputs": {"lora": ["10", 0], "method": "rank", "value": 4, "recipe": ""}},
+             "13": {"class_type": "QuantizeInt8", "inputs": {"lora": ["10", 0], **QUANT}},
+             "14": {"class_type": "ConflictScan", "inputs": {"lora_a": ["10", 0], "lora_b": ["12", 0]}},
+             "15": {"class_type": "BlendLoRAs", "inputs": {"lora_a": ["13", 0], "lora_b": ["12", 0], "weight_a": 0.5,
+                                                          "weight_b": 0.5, "rank": 0, "method": "svd"}},
+             "16": {"class_type": "SaveLoRAFile", "inputs": {"lora": ["15", 0], "filename_prefix": "qacf/blend",
+                                                            "copy_to_loras": False}},
+             "17": {"class_type": "SaveLoRAFile", "inputs": {"lora": ["13", 0], "filename_prefix": "qacf/q",
+                                                            "copy_to_loras": False}},
+             "18": {"class_type": "ApplyLoRA", "inputs": {"model": ["1", 0], "clip": ["1", 1], "lora": ["10", 0],
+                                                         "strength_model": 1.0, "strength_clip": 1.0}}}
+    e1 = comfy_server.run(sample_prompt(ckpt, graph, ["18", 0], ["18", 1], seed=3, prefix="qacf/apply"))
+    assert e1["status"]["status_str"] == "success", errors_of(e1)
+    out = e1["outputs"]
+    # every layer, bias and norm diff of the file became a patch (7 weights + 7 biases + 1 norm)
+    assert f"Applied {2 * len(CORE_LAYERS) + 1} weight patch(es) from {len(CORE_LAYERS) + 1} LoRA module(s)" \
+        in out["18"]["text"][0], out["18"]["text"][0]
+    rep = json.loads(out["11"]["lens_analysis"][0])
+    assert rep["summary"]["architecture"] == "SD 1.5", rep["summary"]
+    assert "SD 1.5" in out["14"]["text"][0]
+    core = {"20": {"class_type": "LoraLoader", "inputs": {"model": ["1", 0], "clip": ["1", 1], "lora_name": name,
+                                                          "strength_model": 1.0, "strength_clip": 1.0}}}
+    e2 = comfy_server.run(sample_prompt(ckpt, core, ["20", 0], ["20", 1], seed=3, prefix="qacf/core"))
+    assert e2["status"]["status_str"] == "success", errors_of(e2)
+    e0 = comfy_server.run(sample_prompt(ckpt, {}, ["1", 0], ["1", 1], seed=3, prefix="qacf/base"))
+    a, b, base = saved_image(comfy_server, e1), saved_image(comfy_server, e2), saved_image(comfy_server, e0)
+    # (these few layers barely move the tiny random model's 64×64 image; the ΔW checks below are exact)
+    assert abs(a - b).max() <= abs(a - base).max() + 1, "ApplyLoRA differs from core LoraLoader"
+    # /view serves the image the history names
+    img = e1["outputs"]["7"]["images"][0]
+    with urllib.request.urlopen(f"{comfy_server.url}/view?filename={img['filename']}&subfolder={img['subfolder']}"
+                                f"&type={img['type']}", timeout=30) as r:
+        assert r.headers["Content-Type"] == "image/png" and r.read(8) == b"\x89PNG\r\n\x1a\n"
+    # core applies our outputs of it as we say: the int8 file and the svd blend, ΔW within rounding
+    src = LoRAModel.load(os.path.join(comfy_server.loras, name))
+    q = load_file(_only_file_like(os.path.join(comfy_server.output, "qacf"), "q_"))
+    bl = load_file(_only_file_like(os.path.join(comfy_server.output, "qacf"), "blend_"))
+    to_load = {k: k + ".weight" for k in CORE_LAYERS}
+    weights = {k + ".weight": torch.zeros(shape) for k, shape in CORE_LAYERS.items()}
+    got_q, got_b = comfy_inproc(q, to_load, weights), comfy_inproc(bl, to_load, weights)
+    qm = LoRAModel.from_state_dict(q)
+    for k, shape in CORE_LAYERS.items():
+        ref = src.get(k).delta(torch.float64).reshape(shape)
+        assert (got_q[k + ".weight"].double() - ref).norm() / ref.norm() < 0.02, k
+        # blend = 0.5·ΔW_int8 + 0.5·(best rank-4 approximation of ΔW), as applied by core
+        u, sv, vh = torch.linalg.svd(ref.reshape(shape[0], -1))
+        rank4 = ((u[:, :4] * sv[:4]) @ vh[:4]).reshape(shape)
+        want = 0.5 * qm.get(k).delta(torch.float64).reshape(shape) + 0.5 * rank4
+        assert (got_b[k + ".weight"].double() - want).norm() / want.norm() < 2e-3, k
+
+
+def _only_file_like(folder: str, start: str) -> str:
+    files = [f for f in os.listdir(folder) if f.startswith(start) and f.endswith(".safetensors")]
+    assert len(files) == 1, files
+    return os.path.join(folder, files[0])
