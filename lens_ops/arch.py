@@ -14,7 +14,7 @@ from .keys import flat
 
 LABELS = {"sd1": "SD 1.5", "sd2": "SD 2.x", "sdxl": "SDXL", "sd3": "SD3", "flux1": "FLUX.1",
           "qwen_image": "Qwen-Image", "wan": "Wan", "hunyuan_video": "HunyuanVideo", "z_image": "Z-Image",
-          "lumina2": "Lumina 2", "unknown": "unknown"}
+          "lumina2": "Lumina 2", "ltxv": "LTX-Video", "unknown": "unknown"}
 
 
 @dataclass
@@ -91,6 +91,8 @@ def detect(modules, metadata: dict | None = None) -> Architecture:
         return Architecture("z_image", "noise/context refiner and feed_forward layers" + (f", {dim} wide" if dim else ""))
     if any("transformer_blocks" in n and "attn_add_" in n for n in diff) or any("context_block" in n for n in diff):
         dim = in_dim(r"transformer_blocks_\d+_attn_to_q$")
+        if dim == 3072 and _max_index(diff, r"(?:^|_)transformer_blocks_(\d+)") >= 19:
+            return Architecture("qwen_image", "MMDiT transformer_blocks past FLUX's 19, 3072 wide (Qwen-Image)")
         if dim == 3072:
             return Architecture("flux1", "diffusers MMDiT blocks, 3072 wide (FLUX double blocks only)")
         return Architecture("sd3", "diffusers MMDiT transformer_blocks" + (f", {dim} wide" if dim else ""))
@@ -98,6 +100,19 @@ def detect(modules, metadata: dict | None = None) -> Architecture:
     ctx = in_dim(r"attn2_to_k$") or in_dim(r"attn2_(processor_)?to_k$")
     unet = any(w in n for n in diff for w in ("input_blocks", "output_blocks", "middle_block",
                                                 "down_blocks", "up_blocks", "mid_block"))
+    if not unet and any(re.search(r"(?:^|_)transformer_blocks_\d+_", n) for n in diff):
+        # a DiT's transformer_blocks outside any UNet block: never SD 1.x/2.x/XL, whatever its cross-attention reads
+        q = in_dim(r"transformer_blocks_\d+_attn_to_[qkv]$")
+        top = _max_index(diff, r"(?:^|_)transformer_blocks_(\d+)")
+        if q in (1536, 2432):
+            return Architecture("sd3", f"diffusers MMDiT transformer_blocks, {q} wide")
+        if q == 3072:
+            return Architecture("qwen_image", "60 transformer_blocks, 3072 wide") if top >= 19 else \
+                Architecture("flux1", "diffusers MMDiT blocks, 3072 wide (FLUX double blocks only)")
+        a1 = in_dim(r"transformer_blocks_\d+_attn1_to_[qkv]$") or in_dim(r"transformer_blocks_\d+_attn2_to_q$")
+        if a1 in (2048, 4096) and any("_attn2_" in n for n in diff):
+            return Architecture("ltxv", f"transformer_blocks with self/cross attention attn1/attn2, {a1} wide")
+        return _from_metadata(metadata) or Architecture("unknown", "DiT transformer_blocks of an unrecognised width")
     if ctx == 2048:
         return Architecture("sdxl", "cross-attention reads 2048-wide text embeddings")
     if ctx == 1024:

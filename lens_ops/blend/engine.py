@@ -12,8 +12,8 @@ from typing import Callable
 import torch
 
 from ..errors import LensError
-from ..kinds import UNKNOWN
-from ..model import LoRAModel, ensure_model
+from ..kinds import BY_NAME, UNKNOWN
+from ..model import LoRAModel, LoRAModule, ensure_model
 from ..conflict.crossnames import OutputSlot, RowSlice, RowStack
 from ..conflict.matching import (check_architectures, common_architecture, cross_scheme_warning, layer_units,
                                   scheme_of)
@@ -59,6 +59,8 @@ def _carry(m, coef: float, style: OutputStyle, first: bool, renamed_counter: lis
             out.keys["alpha"] = name + ".alpha"
         else:
             out = style.lora_module(name, m.component, b * s, a, m.weight_shape(), want_alpha=False)
+        if "diff_b" in m.tensors:   # the layer's bias change travels with its pair
+            out.tensors["diff_b"], out.keys["diff_b"] = style.cast(m.tensors["diff_b"]), name + ".diff_b"
         renamed_counter[0] += int(name != m.name or out.keys["up"] != m.keys["up"])
         return out
     # keep its own names (and roles), only the dtype follows the first LoRA
@@ -283,6 +285,24 @@ def _factors(mod, dtype, device):
     return f
 
 
+def _bias(contrib, dtype) -> torch.Tensor | None:
+    """Σ c·(bias change) over the inputs that have one (`diff_b`, LyCORIS `b_norm`), or None."""
+    biases = [(mod.tensors.get("diff_b", mod.tensors.get("b_norm")), c) for mod, c in contrib]
+    if not any(b is not None for b, _ in biases):
+        return None
+    return sum(b.to(dtype) * c for b, c in biases if b is not None)
+
+
+def _with_bias(out, bias, style, target):
+    """A factored output module plus the blended bias change its inputs carried next to their LoRA pair (ComfyUI
+    applies a layer's `.diff_b` whatever adapter changes its weight)."""
+    if bias is None:
+        return out
+    out.tensors["diff_b"] = style.cast(bias)
+    out.keys["diff_b"] = target.keys.get("diff_b", target.name + ".diff_b")
+    return out
+
+
 def _blend_module(key, target, contrib, method, rank, device, dtype, style, density, seed, errors, stats):
     """One output module from [(module, coefficient)]; named and typed like `target` (the first LoRA's)."""
     for mod, _ in contrib:
@@ -292,6 +312,14 @@ def _blend_module(key, target, contrib, method, rank, device, dtype, style, dens
         if not _linear(mod):
             raise LensError(f"Module {mod.name} ({mod.kind.label}) has no stand-alone ΔW, so it cannot be blended; "
                             "exclude it.")
+    bias = _bias(contrib, dtype)
+    weighted = [(mod, c) for mod, c in contrib if mod.kind.name != "diff" or "diff" in mod.tensors]
+    if not weighted:   # bias changes only (`.diff_b` without a weight change): their weighted sum
+        errors[target.name] = 0.0
+        _require_finite(target, (bias,))
+        return LoRAModule(target.name, {"diff_b": target.keys.get("diff_b", target.name + ".diff_b")},
+                          {"diff_b": style.cast(bias)}, BY_NAME["diff"], target.component)
+    contrib = weighted     # an input's bias-only module adds its bias (above) and nothing to the weight
     shape = tuple(target.weight_shape())
     # a LoKr/LoHa stores ΔW flattened over in·kh·kw; an input that knows the real (4-D) weight shape wins
     shape = max((tuple(mod.weight_shape()) for mod, _ in contrib), key=len, default=shape)
@@ -315,7 +343,8 @@ def _blend_module(key, target, contrib, method, rank, device, dtype, style, dens
         errors[target.name] = err
         if up.shape[1] == 0:
             up, down = up.new_zeros(up.shape[0], 1), down.new_zeros(1, down.shape[1])
-        return style.lora_module(target.name, target.component, up, down, shape, keys, alpha_dtype, want_alpha)
+        out = style.lora_module(target.name, target.component, up, down, shape, keys, alpha_dtype, want_alpha)
+        return _with_bias(out, bias, style, target)
     # dense route: TIES/DARE, or kinds without factors (LoHa, LoKr, diffs)
     stats["dense_modules"] += 1
     if method in ("ties", "dare") and len(shape) >= 2:
@@ -338,10 +367,6 @@ def _blend_module(key, target, contrib, method, rank, device, dtype, style, dens
             merged = taus[0].clone()
             for t in taus[1:]:
                 merged += t
-    biases = [(mod.tensors.get("diff_b", mod.tensors.get("b_norm")), c) for mod, c in contrib]
-    bias = None
-    if any(b is not None for b, _ in biases):
-        bias = sum(b.to(dtype) * c for b, c in biases if b is not None)
     if merged.ndim == 1 or len(shape) < 2:
         errors[target.name] = 0.0
         return style.diff_module(target.name, target.component, merged.reshape(shape), bias,

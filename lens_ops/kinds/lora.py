@@ -78,11 +78,13 @@ class LoRAKind(ModuleKind):
 
     def scaled(self, m, factor):
         up = m.tensors["up"]
+        # a bias change next to the pair (`.diff_b`) is part of the layer's change: it scales too
+        bias = {"diff_b": scale_tensor(m.tensors["diff_b"], factor)} if "diff_b" in m.tensors else {}
         if up.dtype in (torch.int8, torch.uint8, torch.float8_e4m3fn, torch.float8_e5m2) and not m.is_dora:
             # quantised factors: rescaling them would leave their grid; the factor goes into alpha (float32)
             alpha = m.alpha if m.alpha is not None else float(self.rank(m))
-            return {**m.tensors, "alpha": torch.tensor(alpha * factor, dtype=torch.float32)}
-        return {**m.tensors, "up": scale_tensor(up, factor)}
+            return {**m.tensors, "alpha": torch.tensor(alpha * factor, dtype=torch.float32), **bias}
+        return {**m.tensors, "up": scale_tensor(up, factor), **bias}
 
     def describe(self, m):
         mid = "mid" in m.tensors
