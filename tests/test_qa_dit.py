@@ -286,3 +286,54 @@ def test_attention_only_qwen_image_lora_is_not_flux():
     parts = [("attn.to_q", 3072, 3072), ("attn.add_q_proj", 3072, 3072), ("attn.to_add_out", 3072, 3072)]
     assert _arch(_blocks("transformer_blocks.{}", (0, 30, 59), parts)).id == "qwen_image"
     assert _arch(_blocks("transformer_blocks.{}", (0, 9, 18), parts)).id == "flux1"
+
+
+def _node(pack, node, **given):
+    """Call a node with `given` inputs and every other input at its declared default."""
+    cls = pack.NODE_CLASS_MAPPINGS[node]
+    spec = cls.INPUT_TYPES()
+    kw = {}
+    for section in ("required", "optional"):
+        for inp, (typ, opts) in spec.get(section, {}).items():
+            if inp in given:
+                kw[inp] = given[inp]
+            elif "default" in opts:
+                kw[inp] = opts["default"]
+    out = getattr(cls(), cls.FUNCTION)(**kw)
+    return out["result"] if isinstance(out, dict) else out
+
+
+@pytest.mark.parametrize("case", ["wan_comfy_lightx2v", "qwen_peft_default", "ltxv_dotlora", "hidream_lycoris",
+                                  "t5_kohya_te3", "lumina2_bare"])
+def test_every_node_on_dit_conventions(comfy_env, case):
+    """Load → Analyze / Prune / QuantizeInt8 / Blend / ConflictScan → Save, Pack → Extract with default settings, on
+    files of newer DiTs (an unknown architecture included): all run, keep the input's key names, and the saved
+    blend applies A + B exactly."""
+    pack, dirs = comfy_env
+    for seed in (1, 2):
+        save_file(build(case, seed, max_modules=3), str(dirs["loras"] / f"{case}_{seed}.safetensors"))
+    a, info = _node(pack, "LoadLoRAFile", lora_name=f"{case}_1.safetensors")
+    b, _ = _node(pack, "LoadLoRAFile", lora_name=f"{case}_2.safetensors")
+    assert set(a) == set(build(case, 1, max_modules=3))
+    from lens_ops.arch import LABELS
+    if case.startswith(("wan", "ltxv", "lumina2", "hidream")):   # (3 block-0 Qwen modules could be FLUX's)
+        assert "Architecture: " + LABELS[CASES[case][-1] or "unknown"] in info, info
+    report = _node(pack, "AnalyzeLoRA", lora=a)
+    assert report[0]
+    pruned, _ = _node(pack, "PruneRank", lora=a, method="rank", value=2)
+    assert set(pruned) <= set(a) and pruned
+    q, _ = _node(pack, "QuantizeInt8", lora=a)
+    assert {k for k in q if not k.endswith(".alpha")} == {k for k in a if not k.endswith(".alpha")}
+    blend, _ = _node(pack, "BlendLoRAs", lora_a=a, lora_b=b)
+    assert set(blend) == set(a)
+    ma, mb, mo = (LoRAModel.from_state_dict(dict(x)) for x in (a, b, blend))
+    for m in mo:
+        if m.delta() is not None:
+            ref = ma.get(m.name).delta(torch.float64) + mb.get(m.name).delta(torch.float64)
+            assert rel(m.delta(torch.float64).reshape(ref.shape), ref) < 1e-2, m.name
+    scan = _node(pack, "ConflictScan", lora_a=a, lora_b=b)
+    assert scan[0]
+    path = _node(pack, "SaveLoRAFile", lora=blend, filename_prefix=f"qa/{case}")[0]
+    assert set(load_file(path)) == set(a)
+    db = _node(pack, "PackLoRADB", name=case, lora_file_1=f"{case}_1.safetensors", lora_file_2=f"{case}_2.safetensors")
+    assert db[0]
