@@ -172,7 +172,9 @@ class PackLoRADB:
             raise LensError(f"The snr_db value is {snr_db}; use a finite number of dB (e.g. 35).")
         items = []
         graph = [x for x in (loras or []) if x is not None]
-        given = _split(_first(lora_names, ""))
+        # one widget string (comma-separated) or a list wired in (e.g. ExtractLoRADB's names): one name per item
+        names_in = [x for x in (lora_names if isinstance(lora_names, list) else [lora_names]) if x is not None]
+        given = _split(names_in[0]) if len(names_in) == 1 else [str(x).strip() for x in names_in]
         for i, lo in enumerate(graph):
             meta = getattr(lo, "metadata", {}) or {}
             nm = given[i] if i < len(given) else meta.get("ss_output_name") or f"lora_{i + 1}"

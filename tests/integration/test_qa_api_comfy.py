@@ -429,3 +429,66 @@ def _only_file_like(folder: str, start: str) -> str:
     files = [f for f in os.listdir(folder) if f.startswith(start) and f.endswith(".safetensors")]
     assert len(files) == 1, files
     return os.path.join(folder, files[0])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ExtractLoRADB's list output fans out over every LORA_MODEL consumer, ours and core's
+
+def test_extract_list_output_into_every_consumer(comfy_server, sd15):
+    from lens_ops import LoRAModel
+    from lens_ops.loradb import open_collection
+    a, b = sd15
+    c = make_lora("sd15_kohya_locon", rank=4, seed=1401, max_modules=40)
+    third = _put(comfy_server, "qaapi_locon.safetensors", c, c.metadata)
+    files = [a, b, third]
+    pack = {"1": {"class_type": "PackLoRADB", "inputs": {
+        "name": "qaapi_three", "creator": "qa", "description": "three", "tags": "qa", "optimisation": "none (lossless)",
+        "recipe": "", "shared_basis": "off", "snr_db": 35.0, "overwrite": True,
+        **{f"lora_file_{i + 1}": f for i, f in enumerate(files)}}}}
+    e = comfy_server.run(pack)
+    assert e["status"]["status_str"] == "success", errors_of(e)
+    ckpt = _ckpt(comfy_server)
+    p = {"c": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}},
+         "x": {"class_type": "ExtractLoRADB", "inputs": {"loradb": "qaapi_three.loradb", "entries": "all",
+                                                         "write_to_loras": False}},
+         "s1": {"class_type": "SaveLoRAFile", "inputs": {"lora": ["x", 0], "filename_prefix": "qax_ours/e",
+                                                         "copy_to_loras": False}},
+         "s2": {"class_type": "SaveLoRANode", "inputs": {"lora": ["x", 0], "prefix": "qax_core/e"}},
+         "ap": {"class_type": "ApplyLoRA", "inputs": {"model": ["c", 0], "clip": ["c", 1], "lora": ["x", 0],
+                                                     "strength_model": 1.0, "strength_clip": 1.0}},
+         "ml": {"class_type": "LoraModelLoader", "inputs": {"model": ["c", 0], "lora": ["x", 0], "strength_model": 0.5}},
+         "v1": {"class_type": "PreviewAny", "inputs": {"source": ["ap", 1]}},
+         "v2": {"class_type": "PreviewAny", "inputs": {"source": ["ml", 0]}},
+         **_load("la", a),
+         "bl": {"class_type": "BlendLoRAs", "inputs": {"lora_a": ["la", 0], "lora_b": ["x", 0], "weight_a": 1.0,
+                                                      "weight_b": -1.0, "rank": 0, "method": "concat",
+                                                      "allow_disjoint": True}},
+         "s3": {"class_type": "SaveLoRAFile", "inputs": {"lora": ["bl", 0], "filename_prefix": "qax_blend/b",
+                                                         "copy_to_loras": False}},
+         "rp": {"class_type": "PackLoRADB", "inputs": {
+             "name": "qaapi_repack", "creator": "", "description": "", "tags": "", "optimisation": "none (lossless)",
+             "recipe": "", "shared_basis": "off", "snr_db": 35.0, "overwrite": True, "loras": ["x", 0],
+             "lora_names": ["x", 1]}}}
+    e = comfy_server.run(p)
+    assert e["status"]["status_str"] == "success", errors_of(e)
+    out = e["outputs"]
+    assert len(out["ap"]["text"]) == 3 and all("Applied" in t for t in out["ap"]["text"])
+    assert "qaapi_a" in out["x"]["text"][0] and "Extracted 3 entries" in out["x"]["text"][0]
+    ours = sorted(os.listdir(os.path.join(comfy_server.output, "qax_ours")))
+    core = sorted(os.listdir(os.path.join(comfy_server.output, "qax_core")))
+    assert len(ours) == 3 and len(core) == 3
+    want = [load_file(os.path.join(comfy_server.loras, f)) for f in files]
+    for o, k in zip(ours, core):
+        got_o = load_file(os.path.join(comfy_server.output, "qax_ours", o))
+        got_k = load_file(os.path.join(comfy_server.output, "qax_core", k))
+        match = [w for w in want if set(w) == set(got_o) and all(torch.equal(w[t], got_o[t]) for t in w)]
+        assert len(match) == 1 and all(torch.equal(match[0][t], got_o[t]) and torch.equal(got_o[t], got_k[t])
+                                       for t in got_o)
+    # A − (A, B, LoCon): the blend with A itself is exactly zero in every shared module
+    blends = sorted(os.listdir(os.path.join(comfy_server.output, "qax_blend")))
+    assert len(blends) == 3
+    zero = [LoRAModel.load(os.path.join(comfy_server.output, "qax_blend", f)) for f in blends]
+    norms = [max(float(m.delta(torch.float64).norm()) for m in z.modules) for z in zero]
+    assert sorted(norms)[0] < 1e-6 < sorted(norms)[1], norms
+    with open_collection(os.path.join(comfy_server.base, "loradb", "qaapi_repack.loradb")) as col:
+        assert sorted(e["name"] for e in col.entries) == ["qaapi_a", "qaapi_b", "qaapi_locon"]
