@@ -492,3 +492,121 @@ def test_extract_list_output_into_every_consumer(comfy_server, sd15):
     assert sorted(norms)[0] < 1e-6 < sorted(norms)[1], norms
     with open_collection(os.path.join(comfy_server.base, "loradb", "qaapi_repack.loradb")) as col:
         assert sorted(e["name"] for e in col.entries) == ["qaapi_a", "qaapi_b", "qaapi_locon"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# What each node returns to the browser (`ui`) and as outputs holds the fields the issues name
+
+def test_reports_hold_the_promised_fields(comfy_server, sd15):
+    a, b = sd15
+    p = {**_load("1", a), **_load("2", b),
+         "an": {"class_type": "AnalyzeLoRA", "inputs": {"lora": ["1", 0]}},
+         "an_j": {"class_type": "PreviewAny", "inputs": {"source": ["an", 0]}},
+         "an_llm": {"class_type": "PreviewAny", "inputs": {"source": ["an", 3]}},
+         "an_img": {"class_type": "PreviewImage", "inputs": {"images": ["an", 2]}},
+         "pr": {"class_type": "PruneRank", "inputs": {"lora": ["1", 0], "method": "sv_fro", "value": 0.9, "recipe": ""}},
+         "q": {"class_type": "QuantizeInt8", "inputs": {"lora": ["pr", 0], **QUANT}},
+         "q_r": {"class_type": "PreviewAny", "inputs": {"source": ["q", 1]}},
+         "cs": {"class_type": "ConflictScan", "inputs": {"lora_a": ["1", 0], "lora_b": ["2", 0]}},
+         "cs_j": {"class_type": "PreviewAny", "inputs": {"source": ["cs", 0]}},
+         "cs_img": {"class_type": "PreviewImage", "inputs": {"images": ["cs", 2]}},
+         "pk": {"class_type": "PackLoRADB", "inputs": {
+             "name": "qaapi_fields", "creator": "qa", "description": "", "tags": "a, b", "optimisation": "int8",
+             "recipe": "", "shared_basis": "off", "snr_db": 35.0, "overwrite": True, "loras": ["q", 0],
+             "lora_file_1": b}}}
+    e = comfy_server.run(p)
+    assert e["status"]["status_str"] == "success", errors_of(e)
+    out = e["outputs"]
+    rep = json.loads(out["an"]["lens_analysis"][0])
+    assert rep == json.loads(out["an_j"]["text"][0])   # the view reads exactly the report_json output
+    first = next(iter(rep["modules"].values()))
+    assert {"rank", "alpha", "effective_rank_90", "effective_rank_99", "effective_rank_999",
+            "singular_values"} <= set(first)
+    assert rep["scores"] and "efficiency" in json.dumps(rep["scores"]) and "health" in json.dumps(rep["scores"])
+    assert len(out["an_llm"]["text"][0]) > 200
+    qtext = out["q"]["text"][0]
+    assert qtext == out["q_r"]["text"][0]
+    for word in ("SNR", "MSE", "MAE", "max error", "relative Frobenius error"):
+        assert word in qtext, word
+    report = json.loads(out["cs_j"]["text"][0])
+    for key in ("recommended_ratio", "stability", "problem_modules", "overall", "blocks", "modules"):
+        assert key in report, key
+    assert "conflict_score" in report["overall"] and report["recommended_ratio"]["text"]
+    assert out["cs"]["lens_conflict"][0]["ratio"] == report["recommended_ratio"]["text"]
+    for node in ("an_img", "cs_img"):
+        img = out[node]["images"][0]
+        with urllib.request.urlopen(f"{comfy_server.url}/view?filename={img['filename']}&subfolder="
+                                    f"{img['subfolder']}&type={img['type']}", timeout=30) as r:
+            data = r.read()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 500, node
+    ptext = out["pk"]["text"][0]
+    assert "original" in ptext and "stored" in ptext and "ratio" in ptext and "2 entries" in ptext, ptext
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Bad files: a corrupt LoRA picked into PackLoRADB, LoRAs of two architectures into ConflictScan, hostile
+# collections in the loradb folder. One sentence, nothing written, the server keeps answering.
+
+def test_pack_with_a_truncated_lora_writes_no_collection(comfy_server, sd15):
+    data = open(os.path.join(comfy_server.loras, sd15[0]), "rb").read()
+    with open(os.path.join(comfy_server.loras, "qaapi_trunc.safetensors"), "wb") as f:
+        f.write(data[: len(data) // 2])
+    db = os.path.join(comfy_server.base, "loradb")
+    before = _files(db)
+    for opt in ("none (lossless)", "int8"):
+        e = comfy_server.run({"1": {"class_type": "PackLoRADB", "inputs": {
+            "name": "qaapi_trunc", "creator": "", "description": "", "tags": "", "optimisation": opt, "recipe": "",
+            "shared_basis": "auto", "snr_db": 35.0, "overwrite": False, "lora_file_1": sd15[0],
+            "lora_file_2": "qaapi_trunc.safetensors"}}})
+        msg = _error(e, "PackLoRADB")
+        assert "qaapi_trunc.safetensors" in msg and ("truncated" in msg or "corrupt" in msg), msg
+        assert _files(db) == before
+    _alive(comfy_server)
+
+
+@pytest.mark.parametrize("other", ["flux_kohya", "sdxl_kohya"])
+def test_conflict_scan_of_two_architectures_is_refused(comfy_server, sd15, other):
+    sd = make_lora(other, rank=4, seed=1501, max_modules=40 if other == "flux_kohya" else None)
+    name = _put(comfy_server, f"qaapi_cs_{other}.safetensors", sd)
+    e = comfy_server.run({**_load("1", sd15[0]), **_load("2", name),
+                          "3": {"class_type": "ConflictScan", "inputs": {"lora_a": ["1", 0], "lora_b": ["2", 0]}}})
+    msg = _error(e, "ConflictScan")
+    assert "different base models" in msg and "SD 1.5" in msg, msg
+    _alive(comfy_server)
+
+
+def test_hostile_collections_in_the_loradb_folder(comfy_server, sd15):
+    db = os.path.join(comfy_server.base, "loradb")
+    e = comfy_server.run({"1": {"class_type": "PackLoRADB", "inputs": {
+        "name": "qaapi_seed", "creator": "", "description": "", "tags": "", "optimisation": "none (lossless)",
+        "recipe": "", "shared_basis": "off", "snr_db": 35.0, "overwrite": True, "lora_file_1": sd15[0],
+        "lora_file_2": sd15[1]}}})
+    assert e["status"]["status_str"] == "success", errors_of(e)
+    src = open(os.path.join(db, "qaapi_seed.loradb"), "rb").read()
+    flip = bytearray(src)
+    flip[len(flip) // 2] ^= 0x55
+    hostile = {"qaapi_h_trunc.loradb": src[: len(src) * 2 // 3], "qaapi_h_empty.loradb": b"",
+               "qaapi_h_random.loradb": os.urandom(4096), "qaapi_h_flip.loradb": bytes(flip),
+               "qaapi_h_lora.loradb": open(os.path.join(comfy_server.loras, sd15[0]), "rb").read()}
+    v1 = {"base_lora_unet_x.lora_up.weight": torch.randn(4, 2).half(),
+          "base_lora_unet_x.lora_down.weight": torch.randn(2, 4).half()}
+    save_file(v1, os.path.join(db, "qaapi_h_v1.loradb"),
+              metadata={"loradb_version": "1.0", "lora_names": json.dumps(["a", "b"]), "base_index": "7",
+                        "lora_count": "999999999"})
+    for n, data in hostile.items():
+        with open(os.path.join(db, n), "wb") as f:
+            f.write(data)
+    choices = comfy_server.object_info("ExtractLoRADB")["ExtractLoRADB"]["input"]["required"]["loradb"][0]
+    loras_before = _files(comfy_server.loras)
+    for n in list(hostile) + ["qaapi_h_v1.loradb"]:
+        assert n in choices
+        e = comfy_server.run({"1": {"class_type": "ExtractLoRADB", "inputs": {"loradb": n, "entries": "all",
+                                                                              "write_to_loras": True}},
+                              "2": {"class_type": "SaveLoRAFile", "inputs": {"lora": ["1", 0],
+                                                                             "filename_prefix": "qah/" + n,
+                                                                             "copy_to_loras": False}}})
+        msg = _error(e, "ExtractLoRADB")
+        assert n in msg, msg
+        assert _files(comfy_server.loras) == loras_before
+        assert not os.path.exists(os.path.join(comfy_server.output, "qah"))
+    _alive(comfy_server)
