@@ -105,8 +105,10 @@ def convention_of(keys: list[str], kinds: set[str]) -> str:
     if any(".processor." in k and re.search(r"_lora\d?\.(up|down)\.weight$", k)
            and k.startswith(("double_blocks.", "single_blocks.")) for k in ks):
         return "XLabs FLUX"  # diffusers' old attention processors also say `.processor.…_lora.up.weight`
-    if any(k.endswith(("_lora.up.weight", ".lora.up.weight")) for k in ks):
+    if any(k.endswith("_lora.up.weight") for k in ks):      # `…attn1.processor.to_k_lora.up.weight`
         return "diffusers (attention processor)"
+    if any(k.endswith(".lora.up.weight") for k in ks):      # `unet.….attn1.to_k.lora.up.weight` (diffusers' trainers)
+        return "diffusers"
     if any(".lora_linear_layer." in k for k in ks):
         return "diffusers (lora_linear_layer)"
     if any(".lora_A." in k or k.endswith(".lora_A") for k in ks):

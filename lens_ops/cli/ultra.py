@@ -7,7 +7,7 @@ import os
 from ..errors import LensError
 from ..model import LoRAModel
 from ..progress import Bar
-from ..quantize import _check_finite, dequantize_model
+from ..quantize import _check_finite, _check_foldable, dequantize_model
 from ..quantize.fold import FOLDABLE
 from ..quantize.codec import is_quantized
 from ..quantize.end_to_end import end_to_end
@@ -47,6 +47,7 @@ def run(args) -> int:
         raise LensError("ultra takes one recipe (no ':'); run `lora-lens prune` for several outputs.")
     model = LoRAModel.load(args.input)
     _check_finite(model)  # before pruning: a NaN alpha would otherwise surface later as NaN factors
+    _check_foldable(model)  # before pruning: nothing to prune or quantize is said as such, not after a prune report
     stored = None
     if any(is_quantized(t) for m in model.modules for t in m.tensors.values()):
         stored = model

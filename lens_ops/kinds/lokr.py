@@ -57,6 +57,13 @@ class LoKrKind(ModuleKind):
         w1, w2 = self._sides(m, dtype, device)
         return self.scale(m) * torch.kron(w1, w2.contiguous())   # a Tucker W2 comes out of einsum strided
 
+    def is_zero(self, m):
+        """kron(W1, W2) is zero exactly when a side is: decided on the small sides, without forming ΔW."""
+        if self.scale(m) == 0:
+            return True
+        w1, w2 = self._sides(m, torch.float32, "cpu")
+        return not bool(w1.any()) or not bool(w2.any())
+
     def factor_pair(self, m, dtype=torch.float32, device="cpu"):
         """kron(L1R1, L2R2) = kron(L1, L2) @ kron(R1, R2): each side as its two factors (a whole side as W·I or
         I·W, whichever is thinner), W2 flattened as ComfyUI's 4-D kron implies."""

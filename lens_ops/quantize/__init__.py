@@ -47,6 +47,26 @@ def _check_finite(model: LoRAModel) -> None:
                                 "(fix or remove that module first).")
 
 
+NO_ALPHA = {"cloneofsimo lora_diffusion"}  # key conventions whose loaders read no alpha (scales cannot be folded)
+
+
+def _check_foldable(model: LoRAModel) -> None:
+    """Refuse a LoRA with nothing to quantize, naming the real reason (tensor groups not understood, or only
+    kinds applied without alpha / relative to the base weight), or one whose format has no alpha to carry
+    the per-tensor scales."""
+    if model.convention in NO_ALPHA:
+        raise LensError(f"{model.convention} files have no alpha key to carry the int8/fp8 scales (their loader "
+                        "would apply the raw codes), so this LoRA cannot be quantized; nothing is written.")
+    if any(m.kind.name in FOLDABLE for m in model.modules):
+        return
+    unknown = [m.name for m in model.modules if m.kind.name == "unknown"]
+    if unknown and len(unknown) == len(model.modules):
+        raise LensError(f"This LoRA has no LoRA/LoHa/LoKr modules to quantize: its {len(unknown)} tensor group(s) "
+                        f"are not understood (e.g. {unknown[0]!r}), so nothing is written.")
+    raise LensError("This LoRA has no LoRA/LoHa/LoKr modules to quantize (only kinds applied "
+                    "without alpha or relative to the base weight).")
+
+
 def _dense_size(model: LoRAModel) -> int:
     total = 0
     for m in model.modules:
@@ -84,9 +104,7 @@ def quantize_model(model, fmt: str = "int8", method: str = DEFAULT_METHOD, min_s
     if not isinstance(min_snr, (int, float)) or math.isnan(min_snr):
         raise LensError("The SNR threshold must be a number of dB (e.g. 40).")
     _check_finite(model)
-    if not any(m.kind.name in FOLDABLE for m in model.modules):
-        raise LensError("This LoRA has no LoRA/LoHa/LoKr modules to quantize (only kinds applied "
-                        "without alpha or relative to the base weight).")
+    _check_foldable(model)
     if dense_metrics is not None:
         metrics = {"on": "exact", "off": "none", "auto": "auto"}[dense_metrics]
     if metrics == "auto":
