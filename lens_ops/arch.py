@@ -14,7 +14,8 @@ from .keys import flat
 
 LABELS = {"sd1": "SD 1.5", "sd2": "SD 2.x", "sdxl": "SDXL", "sd3": "SD3", "flux1": "FLUX.1",
           "qwen_image": "Qwen-Image", "wan": "Wan", "hunyuan_video": "HunyuanVideo", "z_image": "Z-Image",
-          "lumina2": "Lumina 2", "ltxv": "LTX-Video", "unknown": "unknown"}
+          "lumina2": "Lumina 2", "ltxv": "LTX-Video", "hidream": "HiDream",
+          "unknown": "unknown"}
 
 
 @dataclass
@@ -66,6 +67,8 @@ def detect(modules, metadata: dict | None = None) -> Architecture:
             return Architecture("sd2", "cloneofsimo keys, 1024-wide layers")
         return Architecture("sd1", "cloneofsimo keys, 768-wide text encoder / cross-attention")
 
+    if any(re.search(r"(?:^|_)(double|single)_stream_blocks_\d+", n) for n in diff):
+        return Architecture("hidream", "double_stream_blocks/single_stream_blocks (HiDream)")
     if any("double_blocks" in n or "single_blocks" in n for n in diff):
         d, s = _max_index(diff, r"double_blocks_(\d+)"), _max_index(diff, r"single_blocks_(\d+)")
         if d >= 19 or s >= 38 or any(("individual_token_refiner" in n or "txt_in" in n or "mlp_fc1" in n

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -20,13 +21,18 @@ import torch
 from . import __version__
 from .arch import Architecture, detect
 from .errors import LensError
-from .keys import CLONEOFSIMO, block_of, convention_of, name_components
+from .keys import CLONEOFSIMO, block_of, convention_of, flat, name_components
 from .kinds import UNKNOWN, ModuleKind, classify, split_key
 from .st_io import MappedFile, atomic_save, load_file
 
 PROVENANCE_KEY = "lora_lens.provenance"
 CHECKPOINT_PREFIXES = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.", "conditioner.",
                        "vae.", "encoder.down.", "decoder.up.")
+
+
+_DIT_BLOCK = re.compile(r"(?:^|_)(?<!single_)transformer_blocks_(\d+)")
+_SINGLE_STREAM = re.compile(r"(?:^|_)transformer_blocks_\d+_attn[12]_")   # LTX-Video, PixArt: self + cross attention
+_STREAM_BLOCK = re.compile(r"(?:^|_)(double|single)_stream_blocks_(\d+)")
 
 
 class LoraStateDict(dict):
@@ -47,6 +53,7 @@ class LoRAModule:
     kind: ModuleKind
     component: str = "transformer"
     _alpha_cache: float | None = field(default=None, repr=False)
+    single_stream: bool = field(default=False, repr=False)   # the file's transformer_blocks have attn1/attn2
 
     @property
     def alpha(self) -> float | None:
@@ -60,7 +67,16 @@ class LoRAModule:
 
     @property
     def block(self) -> str:
-        return block_of(self.name, self.component)
+        b = block_of(self.name, self.component)
+        if self.component == "transformer" and b.startswith(("block ", "double ")):
+            f = flat(self.name)
+            m = _DIT_BLOCK.search(f)
+            if m:   # every module of diffusers' transformer_blocks.N in one block: FLUX/SD3/Qwen-Image double
+                return f"{'block' if self.single_stream else 'double'} {m.group(1)}"   # (two-stream) blocks
+            m = _STREAM_BLOCK.search(f)
+            if m:   # HiDream double_stream_blocks.N / single_stream_blocks.N
+                return f"{m.group(1)} {m.group(2)}"
+        return b
 
     def rank(self) -> int | None:
         return self.kind.rank(self)
@@ -111,7 +127,8 @@ class LoRAModule:
     def with_tensors(self, tensors: dict[str, torch.Tensor], kind: ModuleKind | None = None) -> "LoRAModule":
         """A copy holding new tensors (same names; new roles get the convention's names)."""
         keys = {r: self.key_for(r) for r in tensors}
-        m = LoRAModule(self.name, keys, dict(tensors), kind or self.kind, self.component)
+        m = LoRAModule(self.name, keys, dict(tensors), kind or self.kind, self.component,
+                       single_stream=self.single_stream)
         m.kind.validate(m)
         return m
 
@@ -129,12 +146,13 @@ def _group(state: dict[str, torch.Tensor]) -> list[LoRAModule]:
         roles[role] = key
     names = list(groups)
     comps = name_components(names)
+    single = any(c == "transformer" and _SINGLE_STREAM.search(flat(n)) for n, c in zip(names, comps))
     modules = []
     for base, comp in zip(names, comps):
         keys = groups[base]
         tensors = {r: state[k] for r, k in keys.items()}
         kind = classify(tensors) if "tensor" not in tensors else UNKNOWN
-        mod = LoRAModule(base, keys, tensors, kind, comp)
+        mod = LoRAModule(base, keys, tensors, kind, comp, single_stream=single)
         kind.validate(mod)
         modules.append(mod)
     return modules

@@ -115,8 +115,8 @@ CASES = {
     "chroma_comfy_norm": (CHROMA, "diffusion_model.", "peft", False, None, torch.bfloat16, norm_extras, "flux1"),
     "ltxv_comfy": (LTXV, "diffusion_model.", "peft", False, None, torch.bfloat16, None, "ltxv"),
     "ltxv_dotlora": (LTXV, "transformer.", "dotlora", False, 4, torch.float16, None, "ltxv"),
-    "hidream_simpletuner": (HIDREAM, "transformer.", "peft", False, None, torch.bfloat16, None, None),
-    "hidream_lycoris": (HIDREAM, "lycoris_", "kohya", True, 4, torch.bfloat16, None, None),
+    "hidream_simpletuner": (HIDREAM, "transformer.", "peft", False, None, torch.bfloat16, None, "hidream"),
+    "hidream_lycoris": (HIDREAM, "lycoris_", "kohya", True, 4, torch.bfloat16, None, "hidream"),
     "lumina2_bare": (LUMINA2, "diffusion_model.", "mochi", False, None, torch.bfloat16, None, "lumina2"),
     "clip_linear_layer": (CLIP_L, "text_encoder.", "linear_layer", False, None, torch.float16, None, "sd1"),
 }
@@ -337,3 +337,53 @@ def test_every_node_on_dit_conventions(comfy_env, case):
     assert set(load_file(path)) == set(a)
     db = _node(pack, "PackLoRADB", name=case, lora_file_1=f"{case}_1.safetensors", lora_file_2=f"{case}_2.safetensors")
     assert db[0]
+
+
+@pytest.mark.parametrize("case,label", [("flux_aitoolkit_peft", "double"), ("sd3_diffusers", None),
+                                        ("qwen_peft_bare", None), ("ltxv_comfy", None)])
+def test_one_transformer_block_has_one_block_label(case, label):
+    """Every module of diffusers' `transformer_blocks.N` sits in one block: FLUX's are its double blocks (kohya's
+    `double_blocks_N`), so `double0=0` block weights must reach to_q/to_k/to_v/to_out as well as ff/add_*; before,
+    attention projections were 'block N' and the rest 'double N' (SD3, Qwen-Image, LTX-Video alike)."""
+    import re
+    from lens_ops.synth import make_lora
+    sd = make_lora(case, rank=2, seed=3, max_modules=40) if case.startswith("flux") else build(case)
+    model = LoRAModel.from_state_dict(dict(sd))
+    labels = {}
+    for m in model:
+        n = re.search(r"(?<!single_)transformer_blocks[._](\d+)", m.name)
+        if n:
+            labels.setdefault(n.group(1), set()).add(m.block)
+    assert labels and all(len(v) == 1 for v in labels.values()), labels
+    if label:
+        assert all(next(iter(v)) == f"{label} {k}" for k, v in labels.items()), labels
+
+
+def test_flux_diffusers_block_weights_reach_the_whole_double_block(tmp_path):
+    from lens_ops.synth import make_lora
+    from lens_ops.blend import blend
+    a, b = (LoRAModel.from_state_dict(dict(make_lora("flux_aitoolkit_peft", rank=2, seed=s, max_modules=28)))
+            for s in (3, 4))
+    out, _ = blend([a, b], [1.0, 1.0], "concat", block_weights="double0=0")
+    left = [m.name for m in out.modules if "transformer_blocks.0." in m.name and m.delta().abs().max() > 0]
+    assert not left, left
+    assert sum("transformer_blocks.1." in m.name for m in out.modules) == 14
+
+
+def test_hidream_double_and_single_stream_blocks_are_told_apart():
+    model = LoRAModel.from_state_dict(build("hidream_lycoris"))
+    labels = {m.block for m in model}
+    assert {"double 0", "double 15", "single 0", "single 31"} <= labels, labels
+
+
+def test_wan_fun_double_underscore_names_meet_musubi_names(tmp_path):
+    """Wan Fun LoRAs are musubi files spelled `lora_unet__blocks_0_…` (ComfyUI's lora_convert.convert_lora_wan_fun
+    drops the extra `_`): the same layers as `lora_unet_blocks_0_…`, not 'no layer in common'."""
+    sa = build("wan_musubi", 1, max_modules=3)
+    a, b = str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors")
+    save_file(sa, a)
+    save_file({k.replace("lora_unet_", "lora_unet__"): v for k, v in sa.items()}, b)
+    rc, out, err = run("conflict", "--json", a, b)
+    assert rc == 0, err
+    rep = json.loads(out)
+    assert rep["shared_modules"] == 3 and all(abs(m["cosine"] - 1) < 1e-6 for m in rep["modules"].values())

@@ -46,7 +46,7 @@ def family(component: str) -> str:
 
 
 def canonical_path(name: str) -> str:
-    f = flat(name)
+    f = flat(name).lstrip("_")   # Wan Fun LoRAs say `lora_unet__blocks_0_…` (ComfyUI's lora_convert drops the `_`)
     if "_processor_" in f or f.startswith("processor_"):
         f = f.replace("_processor_", "_")
         if f.endswith("_to_out"):
