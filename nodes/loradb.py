@@ -159,6 +159,21 @@ class PackLoRADB:
             },
         }
 
+    @classmethod
+    def IS_CHANGED(cls, **inputs):
+        """Picked files by name and modification time, so a re-queued pack re-reads a file replaced on disk
+        (linked LoRAs are tracked by ComfyUI itself)."""
+        picked = [_first(inputs.get(f"lora_file_{i}"), NONE) for i in range(1, 5)]
+        picked += _split(_first(inputs.get("more_files"), ""))
+        stamps = []
+        for f in picked:
+            if f and f != NONE:
+                try:
+                    stamps.append(f"{f}:{mtime_of(lora_path(f))}")
+                except LensError:
+                    stamps.append(str(f))
+        return "|".join(stamps)
+
     def pack(self, name, creator, description, tags, optimisation, recipe, shared_basis, snr_db, overwrite,
              loras=None, lora_names=None, more_files=None, **picked):
         from ..lens_ops.loradb import pack

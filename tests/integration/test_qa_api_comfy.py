@@ -610,3 +610,28 @@ def test_hostile_collections_in_the_loradb_folder(comfy_server, sd15):
         assert _files(comfy_server.loras) == loras_before
         assert not os.path.exists(os.path.join(comfy_server.output, "qah"))
     _alive(comfy_server)
+
+
+def test_pack_requeued_after_a_picked_file_changed_packs_again(comfy_server):
+    """PackLoRADB had no IS_CHANGED: re-queuing the same prompt after a picked LoRA file was replaced on disk
+    returned ComfyUI's cached result and left the collection holding the old LoRA."""
+    from lens_ops.loradb import open_collection
+    path = os.path.join(comfy_server.loras, "qaapi_changing.safetensors")
+    save_file(dict(make_lora("sd15_kohya", rank=4, seed=1601, max_modules=8)), path)
+    prompt = {"1": {"class_type": "PackLoRADB", "inputs": {
+        "name": "qaapi_changing", "creator": "", "description": "", "tags": "", "optimisation": "none (lossless)",
+        "recipe": "", "shared_basis": "off", "snr_db": 35.0, "overwrite": True,
+        "lora_file_1": "qaapi_changing.safetensors"}}}
+    db = os.path.join(comfy_server.base, "loradb", "qaapi_changing.loradb")
+
+    def packed_sha():
+        with open_collection(db) as c:
+            return c.entries[0]["original_sha256"]
+    e = comfy_server.run(prompt)
+    assert e["status"]["status_str"] == "success", errors_of(e)
+    first = packed_sha()
+    save_file(dict(make_lora("sd15_kohya", rank=4, seed=1602, max_modules=8)), path)
+    os.utime(path, (os.path.getatime(path), os.path.getmtime(path) + 5))
+    e = comfy_server.run(prompt)
+    assert e["status"]["status_str"] == "success", errors_of(e)
+    assert packed_sha() != first, "the re-queued pack kept the old LoRA (cached result)"
