@@ -57,7 +57,7 @@ def _error(entry: dict, node_type: str) -> str:
     text = msgs[0]["exception_message"].strip()
     assert msgs[0]["exception_type"].endswith("LensError"), (msgs[0]["exception_type"], text)
     assert "Traceback" not in text and "\n" not in text and 15 < len(text) < 600, text
-    assert text[0].isupper() or text[0] in "'\"" or re.match(r"[\w.-]+\.(safetensors|loradb)\b", text), text
+    assert text[0].isupper() or text[0] in "'\"" or re.match(r"[\w.-]+\.(safetensors|loradb|pt|ckpt)\b", text), text
     return text
 
 
@@ -635,3 +635,22 @@ def test_pack_requeued_after_a_picked_file_changed_packs_again(comfy_server):
     e = comfy_server.run(prompt)
     assert e["status"]["status_str"] == "success", errors_of(e)
     assert packed_sha() != first, "the re-queued pack kept the old LoRA (cached result)"
+
+
+def test_pickle_and_whole_checkpoint_in_the_loras_folder_are_refused(comfy_server):
+    """A .pt pickle (never unpickled) and a whole SD 1.5 checkpoint dropped into the loras folder: LoadLoRAFile
+    names the problem in one sentence; nothing is written."""
+    import pickle
+    ckpt_src = os.path.join(comfy_server.base, "checkpoints", _ckpt(comfy_server))
+    os.symlink(os.path.realpath(ckpt_src), os.path.join(comfy_server.loras, "qaapi_whole_ckpt.safetensors"))
+    with open(os.path.join(comfy_server.loras, "qaapi_pickle.pt"), "wb") as f:
+        pickle.dump({"lora_unet_x.lora_up.weight": [1.0]}, f)
+    choices = comfy_server.object_info("LoadLoRAFile")["LoadLoRAFile"]["input"]["required"]["lora_name"][0]
+    before = _files(comfy_server.output)
+    for name, word in (("qaapi_pickle.pt", "pickle"), ("qaapi_whole_ckpt.safetensors", "checkpoint")):
+        assert name in choices
+        e = comfy_server.run({**_load("1", name), **_save(["1", 0], "qaw_refused/x")})
+        msg = _error(e, "LoadLoRAFile")
+        assert word in msg.lower(), msg
+    assert _files(comfy_server.output) == before
+    _alive(comfy_server)
