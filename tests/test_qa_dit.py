@@ -387,3 +387,38 @@ def test_wan_fun_double_underscore_names_meet_musubi_names(tmp_path):
     assert rc == 0, err
     rep = json.loads(out)
     assert rep["shared_modules"] == 3 and all(abs(m["cosine"] - 1) < 1e-6 for m in rep["modules"].values())
+
+
+@pytest.mark.parametrize("x,y", [("wan_musubi", "wan_comfy_lightx2v"), ("qwen_peft_bare", "qwen_musubi"),
+                                 ("qwen_peft_default", "qwen_lycoris_simpletuner"),
+                                 ("hunyuan_musubi", "hunyuan_diffusion_pipe"), ("sd3_diffusers", "sd3_onetrainer"),
+                                 ("hidream_simpletuner", "hidream_lycoris"), ("ltxv_comfy", "ltxv_dotlora")])
+def test_same_lora_in_another_convention_is_the_same_lora(tmp_path, x, y):
+    """A's factors saved under B's names, suffixes and alpha convention: the scan pairs every layer with cosine 1 and
+    `A − A'` blends to zero, named in A's convention."""
+    sx = build(x, 1, max_modules=3)
+    mx = [m for m in LoRAModel.from_state_dict(dict(sx)) if m.kind.name == "lora"]
+    my = [m for m in LoRAModel.from_state_dict(build(y, 1, max_modules=3)) if m.kind.name == "lora"]
+    sy = {}
+    for m, n in zip(mx, my):
+        dt = n.tensors["up"].dtype
+        if "alpha" in n.tensors:   # y's scale alpha/rank = 1, so up carries A's scale
+            sy[n.keys["alpha"]] = torch.tensor(float(n.rank())).to(n.tensors["alpha"].dtype)
+        sy[n.keys["up"]] = (m.tensors["up"].double() * m.scale()).to(dt)
+        sy[n.keys["down"]] = m.tensors["down"].to(dt)
+    a, b = str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors")
+    save_file(sx, a)
+    save_file(sy, b)
+    rc, out, err = run("conflict", "--json", a, b)
+    assert rc == 0, err
+    rep = json.loads(out)
+    assert rep["shared_modules"] == len(mx) and not rep["only_in_a"] and not rep["only_in_b"]
+    assert all(abs(v["cosine"] - 1) < 1e-3 for v in rep["modules"].values())
+    o = tmp_path / "o.safetensors"
+    rc, _, err = run("blend", a, f"{b}:-1", "--method", "concat", "-o", o)
+    assert rc == 0, err
+    res = LoRAModel.load(str(o))
+    assert {m.name for m in res} == {m.name for m in mx}
+    for m in res:
+        ref = {n.name: n for n in mx}[m.name].delta(torch.float64)
+        assert float(m.delta(torch.float64).norm()) < 1e-2 * float(ref.norm()), m.name
