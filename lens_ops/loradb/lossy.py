@@ -35,6 +35,10 @@ def module_snr(orig, new, device="cpu") -> tuple[float, float]:
         xy = frobenius_inner(b1, a1, b2, a2)
         return float(x), float(max(x + y - 2 * xy, 0.0))
     da, db = orig.delta(torch.float64, device), new.delta(torch.float64, device)
+    if da is None and db is None and orig.kind.name == "diff" and "diff_b" in orig.tensors \
+            and "diff_b" in new.tensors:   # a bias-only change: its energy is the bias's, not a unit
+        ba, bb = orig.tensors["diff_b"].to(device, torch.float64), new.tensors["diff_b"].to(device, torch.float64)
+        return float(ba.pow(2).sum()), float((ba - bb.reshape(ba.shape)).pow(2).sum())
     if da is None or db is None:
         same = all(torch.equal(orig.tensors[r], new.tensors.get(r, torch.empty(0))) for r in orig.tensors)
         return 1.0, 0.0 if same else 1.0
