@@ -229,3 +229,21 @@ def test_scan_batches_in_parallel_equal_the_serial_scan(monkeypatch):
     for name, m in ser["modules"].items():
         for key in ("cosine", "norm_ratio", "subspace_overlap", "interference"):
             assert par["modules"][name][key] == pytest.approx(m[key], rel=1e-9, abs=1e-12), (name, key)
+
+
+@pytest.mark.parametrize("kind", ["lokr", "lokr_ab", "lokr_full"])
+def test_lokr_modules_are_compared_from_factors_equal_to_dense(kind):
+    """LoKr modules go through their exact two-factor form (kron of the sides' factors), not a dense ΔW and dense
+    SVDs: every metric equals the dense float64 comparison."""
+    from lens_ops import LoRAModel
+    from lens_ops.conflict.metrics import dense_metrics
+    name = "lora_unet_mid_block_attentions_0_proj_in"
+    (ta, ra), (tb, rb) = kind_tensors(kind, gen(31)), kind_tensors(kind, gen(32))
+    a = LoRAModel.from_state_dict({name + k: v for k, v in ta.items()})
+    b = LoRAModel.from_state_dict({name + k: v for k, v in tb.items()})
+    rep = scan(a, b)
+    got = rep["modules"][name]
+    ref = dense_metrics(ra.reshape(ra.shape[0], -1), rb.reshape(rb.shape[0], -1))
+    assert got["method"] == "factors"
+    for key in ("cosine", "norm_ratio", "subspace_overlap", "energy_overlap", "interference"):
+        assert abs(got[key] - ref[key]) < 1e-5, (key, got[key], ref[key])
