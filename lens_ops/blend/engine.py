@@ -132,7 +132,7 @@ def blend(loras: list, weights: list[float], method: str = "concat", rank: int =
     if not shared and not allow_disjoint:
         raise LensError("The LoRAs change no layer in common, so there is nothing to blend"
                         + (f": {warnings[0]}" if warnings else ".")
-                        + " Pass allow_disjoint to combine them anyway.")
+                        + " Turn on allow_disjoint (command line: --allow-disjoint) to combine them anyway.")
     known = {k for k in groups} | {n for g in groups.values() for mod in g if mod is not None
                                    for n in (mod.name, *getattr(mod, 'source_names', ()))}
     filt = LayerFilter(include, exclude, known)
