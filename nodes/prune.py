@@ -134,6 +134,9 @@ class PruneRank:
                                   base=base)
         if base is not None:
             base.save_cache()
+        if lm.modules and not out.modules:   # an empty LORA_MODEL would only fail in the next node
+            raise LensError(f"Recipe {text!r} removes every module of this LoRA (its ΔW is all zero, or every "
+                            "dimension falls below the threshold); ask for a milder recipe.")
         summary = format_report(report, limit=30)
         return {"ui": {"text": [summary], UI_KEY: [json.dumps(view_data(report), default=str)]},
                 "result": (as_socket(out, out.metadata), summary)}

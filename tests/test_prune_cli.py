@@ -178,7 +178,7 @@ def test_node_base_from_comfy_maps_keys_like_comfy_lora(comfy_env, monkeypatch):
     n = base.norms(model.modules[1])
     assert n["fro"] == pytest.approx(float(weights["diffusion_model.w1.weight"].norm()), rel=1e-5)
     cls = importlib.import_module(pack.__name__ + ".nodes").NODE_CLASS_MAPPINGS["PruneRank"]
-    res = cls().prune(sd, method="recipe", value=0, recipe="fro_ckpt=1,thr=-3", model=patcher)
+    res = cls().prune(sd, method="recipe", value=0, recipe="fro_ckpt=1,thr=-6", model=patcher)
     view = json.loads(res["ui"]["lens_prune"][0])
     assert len(view["modules"]) == 6
     assert os.path.isdir(os.path.join(str(comfy_env[1]["root"]), "lora_lens", "norms"))

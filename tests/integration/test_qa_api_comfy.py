@@ -654,3 +654,42 @@ def test_pickle_and_whole_checkpoint_in_the_loras_folder_are_refused(comfy_serve
         assert word in msg.lower(), msg
     assert _files(comfy_server.output) == before
     _alive(comfy_server)
+
+
+@pytest.mark.parametrize("recipe", ["fro_ckpt=1,thr=-3.5", "spn_ckpt=0.8,params=0.2,size=2", "subspace=1,thr=-2"])
+def test_prune_with_the_base_model_from_the_graph(comfy_server, sd15, recipe):
+    """PruneRank's ckpt scores read the base weights from the MODEL/CLIP in the graph (the tiny SD 1.5), every
+    module mapped the way comfy/lora.py maps it, and the pruned LoRA still applies."""
+    ckpt = _ckpt(comfy_server)
+    p = {"c": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}},
+         **_load("1", sd15[1]),
+         "pr": {"class_type": "PruneRank", "inputs": {"lora": ["1", 0], "method": "recipe", "value": 0,
+                                                     "recipe": recipe, "model": ["c", 0], "clip": ["c", 1]}},
+         "ap": {"class_type": "ApplyLoRA", "inputs": {"model": ["c", 0], "clip": ["c", 1], "lora": ["pr", 0],
+                                                     "strength_model": 1.0, "strength_clip": 1.0}},
+         "v": {"class_type": "PreviewAny", "inputs": {"source": ["ap", 0]}}}
+    e = comfy_server.run(p)
+    assert e["status"]["status_str"] == "success", errors_of(e)
+    view = json.loads(e["outputs"]["pr"]["lens_prune"][0])
+    mods = view["modules"]
+    assert len(mods) == 264 and view["total"]["modules"] == 264
+    text = e["outputs"]["pr"]["text"][0]
+    assert "rle_ckpt" in text
+    # every module found its base weight: a rle_ckpt number on every row the report lists
+    rows = [ln for ln in text.splitlines() if "→" in ln and "lora_" in ln]
+    assert rows and all(ln.split()[3] != "–" for ln in rows), rows[:3]
+    assert "Applied" in e["outputs"]["ap"]["text"][0]
+
+
+def test_prune_node_whose_recipe_removes_every_module_is_refused(comfy_server, sd15):
+    """A ckpt recipe whose threshold drops every module (this LoRA is tiny next to the base weights) used to
+    return an empty LORA_MODEL with success; the next node then failed ('The lora input is empty')."""
+    ckpt = _ckpt(comfy_server)
+    p = {"c": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}},
+         **_load("1", sd15[1]),
+         "pr": {"class_type": "PruneRank", "inputs": {"lora": ["1", 0], "method": "recipe", "value": 0,
+                                                     "recipe": "fro_ckpt=1,thr=-1.5", "model": ["c", 0],
+                                                     "clip": ["c", 1]}},
+         "an": {"class_type": "AnalyzeLoRA", "inputs": {"lora": ["pr", 0]}}}
+    msg = _error(comfy_server.run(p), "PruneRank")
+    assert "removes every module" in msg, msg
