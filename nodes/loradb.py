@@ -270,21 +270,32 @@ class ExtractLoRADB:
             contents = format_listing(c)
             chosen = c.find(names)
             bar = progress(len(chosen))
+            good, damaged = [], []
             for i, e in enumerate(chosen):
-                model = c.extract_model(e)
-                outs.append(as_socket(model))
-                out_names.append(str(e.get("name")))
+                try:   # a damaged entry is named; the undamaged ones still come out
+                    model = c.extract_model(e)
+                except LensError as err:
+                    damaged.append(str(err))
+                else:
+                    outs.append(as_socket(model))
+                    out_names.append(str(e.get("name")))
+                    good.append(e)
                 bar(i + 1, len(chosen))
+            if damaged and not good:
+                more = f" ({len(damaged) - 1} more damaged entr{'y' if len(damaged) == 2 else 'ies'})" \
+                    if len(damaged) > 1 else ""
+                raise LensError(damaged[0] + more)
+            lines += [f"Not extracted (damaged): {d}" for d in damaged]
             if write_to_loras:
                 import folder_paths
                 root = folder_paths.get_folder_paths("loras")[0]
-                res = c.extract_to(root, [e.get("name") for e in chosen])
+                res = c.extract_to(root, [e.get("name") for e in good])
                 for w in res["written"]:
                     lines.append(f"Wrote {os.path.basename(w['path'])} to the loras folder.")
                 for d in res["damaged"]:
                     lines.append(f"Not written: {d['error']}")
         kinds = "lossy source (app v1.0)" if c.legacy else ", ".join(
-            sorted({"lossless" if e.get("lossless") else "lossy" for e in chosen}))
+            sorted({"lossless" if e.get("lossless") else "lossy" for e in good}))
         text = contents + f"\n\nExtracted {len(outs)} entr{'y' if len(outs) == 1 else 'ies'} ({kinds}): " \
             + ", ".join(out_names) + ("\n" + "\n".join(lines) if lines else "")
         return {"ui": {"text": [text]}, "result": (outs, out_names, text)}

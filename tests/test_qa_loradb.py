@@ -405,3 +405,27 @@ def test_declared_size_larger_than_the_rebuilt_bytes_is_damage(three, tmp_path, 
     assert len(names) == 2 and not any(n.startswith(".") for n in names), names   # the other two, nothing else
     for n in names:                                                                # and those are exact
         assert any(open(f, "rb").read() == (out / n).read_bytes() for f in three[1])
+
+
+def test_extract_node_gives_the_undamaged_entries_of_a_truncated_file(three, comfy_env):
+    """Issue 7: a truncated collection names the damaged entry and still gives the undamaged ones, in the node too
+    (it used to fail as a whole); when every wanted entry is damaged, the node fails with that sentence."""
+    pack_mod, paths = comfy_env
+    data, files = three
+    folder = paths["root"] / "loradb"
+    folder.mkdir(exist_ok=True)
+    (folder / "cut.loradb").write_bytes(data[: len(data) - 100])
+    node = pack_mod.NODE_CLASS_MAPPINGS["ExtractLoRADB"]()
+    loras, names, text = node.extract("cut.loradb", "all", write_to_loras=True)["result"]
+    assert names == ["l0", "l1"] and len(loras) == 2
+    assert "Not extracted (damaged)" in text and "'l2'" in text
+    assert sorted(os.listdir(paths["loras"])) == ["l0.safetensors", "l1.safetensors"]
+    with pytest.raises(Exception, match="entry 'l2'"):
+        node.extract("cut.loradb", "l2")
+
+
+@pytest.mark.parametrize("snr", ["nan", "inf", "-3"])
+def test_pack_refuses_a_budget_that_is_not_a_number_of_db(three, tmp_path, capsys, snr):
+    out = tmp_path / "x.loradb"
+    code, _, err = _run(capsys, "pack", "-o", str(out), three[1][0], "--int8", "--snr", snr)
+    assert code == 2 and "--snr" in err and not out.exists(), err

@@ -60,6 +60,8 @@ def run(args) -> int:
     from ..loradb import append, pack, remove
     from ..loradb.spec import DEFAULT_LEVEL
     level = args.level or DEFAULT_LEVEL
+    if not 0.0 < args.snr < float("inf"):   # also refuses nan
+        raise LensError(f"--snr {args.snr} is not an error budget; give a finite number of dB, e.g. --snr 35.")
     if args.remove:
         rep = remove(args.output, args.files)
     elif args.append:
