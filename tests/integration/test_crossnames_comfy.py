@@ -5,8 +5,6 @@ SD 1.5; BFL and diffusers FLUX names, the split to_q/to_k/to_v as row offsets in
 stand-in model object gives it the weight names and the architecture config it reads; `load_lora` +
 `calculate_weight` then apply the blend, and separately both inputs stacked at w1, w2: the patched weights agree
 within float rounding, whichever LoRA comes first."""
-import re
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -14,6 +12,7 @@ import torch
 from lens_ops import LoRAModel
 from lens_ops.blend import blend
 from lens_ops.synth import make_lora
+from comfy_stand_in import stand_in_model
 from test_crossnames import BFL, PARTS, SD15_PICK, SD15_UP_ATTN, renamed, to_sgm
 
 # SD 1.5's UNet block layout as ComfyUI's model detection reports it (the input of its own unet_to_diffusers)
@@ -21,18 +20,6 @@ SD15_CONFIG = {"num_res_blocks": [2, 2, 2, 2], "channel_mult": [1, 2, 4, 4],
                "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0], "transformer_depth_middle": 1,
                "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0]}
 FLUX_CONFIG = {"depth": 19, "depth_single_blocks": 38, "hidden_size": 3072}
-
-
-def _stand_in(base_cls, weights: dict, config: dict):
-    class StandIn(base_cls):
-        def __init__(self):
-            torch.nn.Module.__init__(self)
-
-        def state_dict(self, *a, **k):
-            return dict(weights)
-    m = StandIn()
-    m.model_config = SimpleNamespace(unet_config=config)
-    return m
 
 
 def _apply(comfy, loras, strengths, key_map, base):
@@ -68,7 +55,7 @@ def test_sd15_sgm_and_diffusers_blend_applies_like_stacking(comfy_inproc, first)
     # ComfyUI needs the model's real dotted weight names: take them from its own diffusers map
     diff_map = comfy.utils.unet_to_diffusers(SD15_CONFIG)
     weights = {"diffusion_model." + v: None for k, v in diff_map.items() if k.endswith(".weight")}
-    key_map = comfy.lora.model_lora_keys_unet(_stand_in(comfy.model_base.BaseModel, weights, SD15_CONFIG), {})
+    key_map = comfy.lora.model_lora_keys_unet(stand_in_model(comfy.model_base.BaseModel, weights, SD15_CONFIG), {})
     targets = {key_map[n] for n in base}
     assert all(key_map.get(to_sgm(n, SD15_UP_ATTN)) == key_map[n] for n in base)   # ComfyUI loads both spellings
     g = torch.Generator().manual_seed(1)
@@ -101,7 +88,7 @@ def test_flux_fused_and_split_blend_applies_like_stacking(comfy_inproc, first):
     bfl = LoRAModel.from_state_dict(sd_bfl)
     g = torch.Generator().manual_seed(2)
     base_w = {names[m.name]: 1e-3 * torch.randn(m.weight_shape(), generator=g) for m in bfl.modules}
-    key_map = comfy.lora.model_lora_keys_unet(_stand_in(comfy.model_base.Flux, base_w, FLUX_CONFIG), {})
+    key_map = comfy.lora.model_lora_keys_unet(stand_in_model(comfy.model_base.Flux, base_w, FLUX_CONFIG), {})
     assert all(key_map[n] == names[n] for n in keep_bfl)
     assert all(isinstance(key_map[p], tuple) for p in keep_dif if "to_out" not in p)   # split parts: row offsets
     loras = [sd_bfl, sd_dif] if first == "bfl" else [sd_dif, sd_bfl]

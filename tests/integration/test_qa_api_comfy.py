@@ -6,6 +6,7 @@ Bad inputs must fail the prompt with one sentence naming the problem (no traceba
 the server running and write no file."""
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -598,6 +599,7 @@ def test_hostile_collections_in_the_loradb_folder(comfy_server, sd15):
             f.write(data)
     choices = comfy_server.object_info("ExtractLoRADB")["ExtractLoRADB"]["input"]["required"]["loradb"][0]
     loras_before = _files(comfy_server.loras)
+    sources = {hashlib.sha256(open(os.path.join(comfy_server.loras, f), "rb").read()).hexdigest() for f in sd15}
     for n in list(hostile) + ["qaapi_h_v1.loradb"]:
         assert n in choices
         e = comfy_server.run({"1": {"class_type": "ExtractLoRADB", "inputs": {"loradb": n, "entries": "all",
@@ -605,6 +607,16 @@ def test_hostile_collections_in_the_loradb_folder(comfy_server, sd15):
                               "2": {"class_type": "SaveLoRAFile", "inputs": {"lora": ["1", 0],
                                                                              "filename_prefix": "qah/" + n,
                                                                              "copy_to_loras": False}}})
+        if n in ("qaapi_h_trunc.loradb", "qaapi_h_flip.loradb") and e["status"]["status_str"] == "success":
+            # issue 7: the damaged entry is named and the undamaged ones come out, byte for byte
+            # (into the loras folder, where the sources already sit under those names, nothing new needs writing)
+            assert "Not extracted (damaged)" in e["outputs"]["1"]["text"][0]
+            for f in sorted(set(_files(comfy_server.loras)) - set(loras_before)):
+                path = os.path.join(comfy_server.loras, f)
+                assert hashlib.sha256(open(path, "rb").read()).hexdigest() in sources, f
+                os.unlink(path)
+            shutil.rmtree(os.path.join(comfy_server.output, "qah"))   # SaveLoRAFile saved the undamaged entries
+            continue
         msg = _error(e, "ExtractLoRADB")
         assert n in msg, msg
         assert _files(comfy_server.loras) == loras_before

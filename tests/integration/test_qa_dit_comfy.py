@@ -10,14 +10,13 @@ gives the ΔW ComfyUI applies, compared with what each command promises: blends 
 from __future__ import annotations
 
 import logging
-import os
-from types import SimpleNamespace
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
 from lens_ops import LoRAModel
+from comfy_stand_in import stand_in_model
 from test_qa_dit import CASES, build, run
 
 FLUX_CONFIG = {"depth": 19, "depth_single_blocks": 38, "hidden_size": 3072}
@@ -75,16 +74,7 @@ def _model_weights(case: str) -> dict:
 
 def _key_map(comfy, case, weights):
     cls, config = COMFY_CASES[case]
-
-    class StandIn(getattr(comfy.model_base, cls)):
-        def __init__(self):
-            torch.nn.Module.__init__(self)
-
-        def state_dict(self, *a, **k):
-            return dict(weights)
-    m = StandIn()
-    m.model_config = SimpleNamespace(unet_config=config)
-    return comfy.lora.model_lora_keys_unet(m, {})
+    return comfy.lora.model_lora_keys_unet(stand_in_model(getattr(comfy.model_base, cls), weights, config), {})
 
 
 def _apply(comfy, sd, key_map, weights, caplog, strength=1.0):
