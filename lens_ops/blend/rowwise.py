@@ -113,6 +113,7 @@ def _threshold_by_histograms(src: Rows, j: int) -> torch.Tensor:
     while lo < hi:
         shift = max(0, (hi - lo).bit_length() - HIST_BITS)
         nbins = ((hi - lo) >> shift) + 1
+
         def histogram(block, lo=lo, hi=hi, shift=shift, nbins=nbins):
             b = src.get(*block).abs().reshape(-1).view(bits_dt).to(torch.long)
             b = b[(b >= lo) & (b <= hi)]
