@@ -189,3 +189,15 @@ def test_ties_dare_report_is_not_labelled_exact(method):
     assert rep["relative_error"]["max"] > 0.01
     assert "(exact)" not in text and "Truncation error" not in text
     assert "by design" in text
+
+
+def test_nan_count_is_of_the_stored_factor_not_of_its_rotation(tmp_path, capsys):
+    """One NaN in `up` is reported as one value (the rank-space rotation spreads it over a whole row)."""
+    sd = make_lora("sdxl_kohya", rank=8, seed=5, max_modules=2)
+    key = next(k for k in sd if k.endswith("lora_up.weight"))
+    sd[key][3, 2] = float("nan")
+    src = str(tmp_path / "nan.safetensors")
+    save_file(sd, src)
+    assert main(["quantize", src, "-o", str(tmp_path / "q.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert "contains 1 NaN/Inf value(s)" in err and "(up)" in err, err

@@ -246,10 +246,15 @@ def _lora(m: LoRAModule, fmt: str, method: str, mode: str, device) -> ModuleResu
         else:
             prepared = {cands[0]: transforms.apply(cands[0], b, a)}
         best, chosen = None, None
-        for c in cands:
-            got = _candidate(*prepared[c], fmt, scale, mode, m.name)
-            if best is None or got.err < best.err:
-                best, chosen = got, c
+        try:
+            for c in cands:
+                got = _candidate(*prepared[c], fmt, scale, mode, m.name)
+                if best is None or got.err < best.err:
+                    best, chosen = got, c
+        except LensError:   # NaN/Inf seen after the rank-space transform (which spreads it): count it where it is
+            check_finite(b, f"Module {m.name} (up)")
+            check_finite(a, f"Module {m.name} (down)")
+            raise
         prepared = None
         delta, tstats = best.delta, best.tensors
         new.update(up=best.qb.reshape(up.shape).cpu(), down=best.qa.reshape(down.shape).cpu())
