@@ -330,5 +330,16 @@ def ensure_model(lora, source: str | None = None) -> LoRAModel:
     raise LensError(f"Expected a LoRA (dict of tensors), got {type(lora).__name__}.")
 
 
+def exact_factors(module, dtype=torch.float32, device="cpu"):
+    """(B, A, scale) with the flattened ΔW = scale·B@A exactly, or None: the LoRA factors (`lowrank`), else the
+    kind's exact two-factor form (LoKr: kron of the sides' factors, LoHa: rank r₁·r₂; `kind.factor_pair`). Works on
+    anything with `lowrank`, `kind` and `scale` (also the cross-name row slices of lens_ops.conflict)."""
+    f = module.lowrank(dtype, device)
+    if f is None:
+        p = module.kind.factor_pair(module, dtype, device)
+        f = None if p is None else (p[0], p[1], module.scale())
+    return f
+
+
 def finite_or_nan(x: float) -> float | None:
     return x if math.isfinite(x) else None

@@ -19,7 +19,7 @@ from collections import defaultdict
 import torch
 
 from ..lowrank import frobenius_inner, work_dtype
-from ..model import LoRAModel
+from ..model import LoRAModel, exact_factors
 
 MAX_MODULES = 24
 MAX_GROUPS = 2
@@ -31,12 +31,9 @@ def _factors(m, dtype, device):
     """(B, A, scale) with the flattened ΔW = scale·B@A: the LoRA factors, the exact low-rank form of LoKr/LoHa
     (`factor_pair`), or the dense ΔW with A = None standing for the identity (never materialised: for a conv
     layer it would be in·kh·kw squared)."""
-    lr = m.lowrank(dtype, device)
-    if lr is not None:
-        return lr[0], lr[1], lr[2]
-    fp = m.kind.factor_pair(m, dtype, device)
-    if fp is not None:
-        return fp[0], fp[1].reshape(fp[1].shape[0], -1), m.scale()
+    f = exact_factors(m, dtype, device)
+    if f is not None:
+        return f[0], f[1].reshape(f[1].shape[0], -1), f[2]
     d = m.delta(dtype, device)
     if d is None:
         return None

@@ -13,7 +13,7 @@ import torch
 
 from ..errors import LensError
 from ..kinds import BY_NAME, UNKNOWN
-from ..model import LoRAModel, LoRAModule, ensure_model
+from ..model import LoRAModel, LoRAModule, ensure_model, exact_factors
 from ..conflict.crossnames import OutputSlot, RowSlice, RowStack
 from ..conflict.matching import (check_architectures, common_architecture, cross_scheme_warning, layer_units,
                                   scheme_of)
@@ -278,11 +278,7 @@ def _dense_tau(mod, c: float, dtype, device) -> torch.Tensor:
 def _factors(mod, dtype, device):
     """(B, A, scale) of a module; LoKr/LoHa by their exact factors: a dense `.diff` of their flattened ΔW does
     not match a conv weight's shape and ComfyUI drops it, while it reshapes LoRA factors to the weight."""
-    f = mod.lowrank(dtype, device)
-    if f is None:
-        p = mod.kind.factor_pair(mod, dtype, device)
-        f = None if p is None else (p[0], p[1], mod.scale())
-    return f
+    return exact_factors(mod, dtype, device)
 
 
 def _bias(contrib, dtype) -> torch.Tensor | None:

@@ -25,6 +25,7 @@ import os
 import torch
 
 from ..lowrank import gram
+from ..model import exact_factors
 
 REL_TOL = 1e-3  # singular values below this fraction of the largest count as numerically zero
 
@@ -364,7 +365,7 @@ def plain_factors(module, dtype=torch.float32, device="cpu"):
         return up.flatten(start_dim=1), down.flatten(start_dim=1), module.scale()
     f = module.lowrank(dtype, device)
     if f is None and not module.is_dora:
-        p = module.kind.factor_pair(module, dtype, device)
+        p = exact_factors(module, dtype, device)
         if p is not None and p[0].ndim == 2 and p[1].ndim == 2 and p[0].shape[1] < min(p[0].shape[0], p[1].shape[1]):
-            f = (p[0], p[1], module.scale())
+            f = p
     return f
