@@ -17,6 +17,7 @@ from lens_ops.blend import blend, parse_block_weights
 from lens_ops.blend.methods import dare_masks
 from lens_ops.conflict import problem_list, scan
 from lens_ops.synth import make_lora
+from lora_factory import rel_err
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NAMES = [n for n, *_ in SD15_LAYERS]
@@ -305,3 +306,35 @@ def test_magnitude_threshold_equals_kthvalue(values):
         assert torch.equal(rowwise.magnitude_threshold(src, k), mags.kthvalue(n - k + 1).values), (values, k)
     for j in (1, 999, n // 2, n):   # the exact fallback on its own
         assert torch.equal(rowwise._threshold_by_histograms(src, j), mags.kthvalue(j).values), (values, j)
+
+
+def _lokr_lora(seed: int, layers: int = 3, width: int = 320, factor: int = 8, rank: int = 8) -> dict:
+    """LoKr modules the way LyCORIS writes them for a width×width layer: a factor×factor w1 from two rank-`rank`
+    factors and a (width/factor)² w2 from two more, so each module stores ~2.6k numbers for a 100k-entry ΔW."""
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    side = width // factor
+    for i in range(layers):
+        p = f"lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_{'qkv'[i]}"
+        sd[p + ".lokr_w1_a"] = torch.randn(factor, rank, generator=g).half()
+        sd[p + ".lokr_w1_b"] = torch.randn(rank, factor, generator=g).half()
+        sd[p + ".lokr_w2_a"] = (torch.randn(side, rank, generator=g) * 0.1).half()
+        sd[p + ".lokr_w2_b"] = (torch.randn(rank, side, generator=g) * 0.1).half()
+        sd[p + ".alpha"] = torch.tensor(float(rank))
+    return sd
+
+
+def test_exact_blend_of_lokr_files_warns_about_its_size_and_stays_exact():
+    a, b = _lokr_lora(1), _lokr_lora(2)
+    out, rep = blend([a, b], [0.6, 0.4], method="concat")
+    grew = [w for w in rep["warnings"] if "its inputs'" in w]
+    assert len(grew) == 1 and "LoKr" in grew[0] and "svd" in grew[0], rep["warnings"]
+    ma, mb = LoRAModel.from_state_dict(a), LoRAModel.from_state_dict(b)
+    for m in out.modules:   # still exactly the weighted sum: the warning changes nothing in the file
+        ref = 0.6 * ma.get(m.name).delta(torch.float64) + 0.4 * mb.get(m.name).delta(torch.float64)
+        assert rel_err(m.delta(torch.float64), ref) < 2e-3   # fp16 output
+    # a LoRA blend of the same layers grows by its ranks only: no warning
+    la = make_lora("sd15_kohya", rank=8, seed=3, dtype=torch.float16, max_modules=6)
+    lb = make_lora("sd15_kohya", rank=8, seed=4, dtype=torch.float16, max_modules=6)
+    _, rep2 = blend([la, lb], [0.5, 0.5], method="concat")
+    assert not [w for w in rep2["warnings"] if "its inputs'" in w]

@@ -211,6 +211,9 @@ def blend(loras: list, weights: list[float], method: str = "concat", rank: int =
     if style.source_dtype != style.dtype:
         notes.append(f"The first LoRA is quantised ({style.source_dtype}); blended factors are written as "
                      f"{style.dtype} because a blend is not representable on the quantised grid.")
+    growth = _growth_warning(models, result, method, rank)
+    if growth:
+        warnings.append(growth)
     if stats["kept_own_names"]:
         notes.append(f"{stats['kept_own_names']} module(s) only the other LoRA(s) have keep their own key names "
                      "(no safe renaming into the first LoRA's convention); ComfyUI applies them all the same.")
@@ -219,7 +222,7 @@ def blend(loras: list, weights: list[float], method: str = "concat", rank: int =
         "method": method, "target_rank": rank, "weights": weights,
         "inputs": [{"file": _label(m, i), "architecture": m.architecture.label, "format": m.convention,
                     "modules": len(m.modules), "weight": weights[i]} for i, m in enumerate(models)],
-        "output": {"modules": len(out_modules), "format": models[0].convention, "dtype": str(style.dtype).replace("torch.", ""),
+        "output": {"modules": len(out_modules), "format": result.convention, "dtype": str(style.dtype).replace("torch.", ""),
                    "ranks": sorted(ranks), "tensor_bytes": result.nbytes},
         "modules": stats,
         "shared_modules": len(shared),
@@ -231,6 +234,27 @@ def blend(loras: list, weights: list[float], method: str = "concat", rank: int =
         "notes": notes,
     }
     return result, report
+
+
+GROWTH_WARN = 8.0   # an output this many times its inputs' tensor bytes is worth a sentence
+
+
+def _growth_warning(models, result, method: str, rank: int) -> str | None:
+    """Say so when an exact blend is far bigger than its inputs. LoKr/LoHa changes are Kronecker/Hadamard
+    products: written as LoRA factors their exact rank is the product of their factors' ranks (a rank-8 LoKr
+    pair becomes rank 64), so an exact blend of two small LyCORIS files can be hundreds of MB. The maths is
+    right; the user should still hear that `svd` with a target rank gives a compact file with a stated error."""
+    size_in = sum(m.nbytes for m in models)
+    size_out = result.nbytes
+    if not size_in or size_out <= GROWTH_WARN * size_in:
+        return None
+    kinds = sorted({mod.kind.label for m in models for mod in m.modules if mod.kind.name in ("lokr", "loha")})
+    why = (f" ({' and '.join(kinds)} changes are products of factors: as LoRA factors their exact rank is the "
+           "product of their factors' ranks)") if kinds else ""
+    hint = ("use method svd with a target rank (e.g. 64) for a compact file; the report gives its error"
+            if method == "concat" or rank == 0 else "a lower target rank gives a smaller file")
+    return (f"The blend is {size_out / 2**20:.1f} MiB, {size_out / size_in:.0f}× its inputs' "
+            f"{size_in / 2**20:.1f} MiB{why}; {hint}.")
 
 
 def _tick(progress, step, total):
