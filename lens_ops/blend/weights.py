@@ -6,7 +6,8 @@ Block weights: `key=value` items separated by `:`, `,`, spaces or new lines, e.g
 - component keys: `te` (all text encoders), `te1`, `te2`, `te3`; `unet` = `transformer` = `dit` = `model`
   (the diffusion model, UNet or DiT: SD.Next says `unet` for every model);
 - block keys for UNets: `in` (input_blocks / down_blocks), `mid` (middle_block / mid_block), `out`
-  (output_blocks / up_blocks); for DiTs: `double`, `single`, `joint`, `block`, `layer`;
+  (output_blocks / up_blocks); for DiTs: `double`, `single`, `joint`, `block`, `layer` (`joint` and `double` name
+  the same two-stream blocks: SD3's MMDiT `joint_blocks.N` are diffusers' `transformer_blocks.N`, labelled double);
 - any block key may carry an index or index range: `in4`, `out0-2`, `double0-9`, `single20-37`. Indices are the
   block numbers of the module's own name (input_blocks 0–11 in SGM names, down_blocks 0–3 in diffusers names).
 
@@ -23,7 +24,7 @@ from ..errors import LensError
 
 COMPONENT_KEYS = {"te", "te1", "te2", "te3", "unet", "transformer", "dit", "model"}
 BLOCK_KEYS = {"in": ("input", "down"), "mid": ("middle", "mid"), "out": ("output", "up"),
-              "double": ("double",), "single": ("single",), "joint": ("joint",), "block": ("block",),
+              "double": ("double", "joint"), "single": ("single",), "joint": ("joint", "double"), "block": ("block",),
               "layer": ("layer",)}
 ALIASES = {"input": "in", "down": "in", "middle": "mid", "output": "out", "up": "out", "text_encoder": "te",
            "text": "te"}

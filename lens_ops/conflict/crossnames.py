@@ -1,5 +1,6 @@
 """One layer, two block vocabularies: translate module names between the SGM/ldm and diffusers UNet names of
-SD 1.x/2.x/SDXL, and between BFL and diffusers names of FLUX.1, including fused ↔ split layers.
+SD 1.x/2.x/SDXL, between BFL and diffusers names of FLUX.1, and between MMDiT and diffusers names of SD3/SD3.5,
+including fused ↔ split layers.
 
 Every diffusion-model module is reduced to a `Piece`: the layer it changes, named in one canonical vocabulary
 (SGM names for UNets, BFL names for FLUX), and which output rows of that layer it covers (`rows=None`: all of
@@ -15,11 +16,12 @@ comparison and every blend stays on factors:
 The UNet tables are generated from the block layout (res blocks per level, which levels hold attention and how
 deep their transformers are), derived from the detected architecture: SD 1.x/2.x: 4 levels × 2 res blocks,
 attention depth 1 on levels 0–2, middle depth 1; SDXL: 3 levels × 2 res blocks, attention depth 0/2/10,
-middle depth 10. Facts checked against ComfyUI's `comfy/utils.py` (`unet_to_diffusers`, `flux_to_diffusers`)
+middle depth 10. Facts checked against ComfyUI's `comfy/utils.py` (`unet_to_diffusers`, `flux_to_diffusers`, `mmdit_to_diffusers`)
 and `comfy/supported_models.py`; the code here is our own.
 
-Not mapped (and said so by the callers): other DiTs (SD3, HunyuanVideo, …), UNets of unknown layout, and
-FLUX's final `norm_out.linear` (its halves are swapped between the two vocabularies).
+Not mapped (and said so by the callers): other DiTs (HunyuanVideo, …), UNets of unknown layout, and the
+adaLN layers whose shift/scale halves are swapped between the vocabularies (FLUX's and SD3's final
+`norm_out.linear`, SD3's last `norm1_context.linear`).
 """
 from __future__ import annotations
 
@@ -128,29 +130,88 @@ FLUX_BASIC = {
     "time_text_embed.guidance_embedder.linear_2": "guidance_in.out_layer",
     "proj_out": "final_layer.linear",
 }
-FUSED_UNITS = {"img_attn.qkv": 3, "txt_attn.qkv": 3, "linear1": 7}
-_DIF_BLOCK = re.compile(r"^(single_transformer_blocks|transformer_blocks)_(\d+)_(.+)$")
-_BFL_BLOCK = re.compile(r"^(double_blocks|single_blocks)_(\d+)_(.+)$")
+FLUX_FUSED = {"img_attn.qkv": 3, "txt_attn.qkv": 3, "linear1": 7}
+
+# ---------------------------------------------------------------- SD3 / SD3.5 (MMDiT ↔ diffusers)
+# Facts from ComfyUI's comfy/utils.py (`mmdit_to_diffusers`, MMDIT_MAP_BLOCK/BASIC): q/k/v are row thirds of the
+# fused qkv (h = hidden size = 64·depth); SD3.5's second attention (attn2) likewise. The last block's context
+# adaLN_modulation (pre-only: 2h rows) and the final layer's have their shift/scale halves swapped between the
+# vocabularies: not mapped (see `_swapped`).
+SD3_JOINT = {
+    "attn.to_q": ("x_block.attn.qkv", 0, 1), "attn.to_k": ("x_block.attn.qkv", 1, 2),
+    "attn.to_v": ("x_block.attn.qkv", 2, 3),
+    "attn.add_q_proj": ("context_block.attn.qkv", 0, 1), "attn.add_k_proj": ("context_block.attn.qkv", 1, 2),
+    "attn.add_v_proj": ("context_block.attn.qkv", 2, 3),
+    "attn2.to_q": ("x_block.attn2.qkv", 0, 1), "attn2.to_k": ("x_block.attn2.qkv", 1, 2),
+    "attn2.to_v": ("x_block.attn2.qkv", 2, 3),
+    "attn.to_out.0": ("x_block.attn.proj", None, None), "attn.to_add_out": ("context_block.attn.proj", None, None),
+    "attn2.to_out.0": ("x_block.attn2.proj", None, None),
+    "norm1.linear": ("x_block.adaLN_modulation.1", None, None),
+    "norm1_context.linear": ("context_block.adaLN_modulation.1", None, None),
+    "ff.net.0.proj": ("x_block.mlp.fc1", None, None), "ff.net.2": ("x_block.mlp.fc2", None, None),
+    "ff_context.net.0.proj": ("context_block.mlp.fc1", None, None),
+    "ff_context.net.2": ("context_block.mlp.fc2", None, None),
+}
+SD3_BASIC = {
+    "context_embedder": "context_embedder", "pos_embed.proj": "x_embedder.proj",
+    "time_text_embed.timestep_embedder.linear_1": "t_embedder.mlp.0",
+    "time_text_embed.timestep_embedder.linear_2": "t_embedder.mlp.2",
+    "time_text_embed.text_embedder.linear_1": "y_embedder.mlp.0",
+    "time_text_embed.text_embedder.linear_2": "y_embedder.mlp.2",
+    "proj_out": "final_layer.linear",
+}
+SD3_FUSED = {"x_block.attn.qkv": 3, "context_block.attn.qkv": 3, "x_block.attn2.qkv": 3}
+
+
+@dataclass(frozen=True)
+class DitVocab:
+    """One DiT's two vocabularies: per block kind (diffusers block word, canonical block word, {diffusers part:
+    (canonical layer, first row, last row) in units of the hidden size}), whole layers outside the blocks, and
+    the fused canonical layers with their height in hidden sizes."""
+    blocks: tuple
+    basic: dict
+    fused: dict
+
+
+DIT = {
+    "flux1": DitVocab((("transformer_blocks", "double_blocks", FLUX_DOUBLE),
+                       ("single_transformer_blocks", "single_blocks", FLUX_SINGLE)), FLUX_BASIC, FLUX_FUSED),
+    "sd3": DitVocab((("transformer_blocks", "joint_blocks", SD3_JOINT),), SD3_BASIC, SD3_FUSED),
+}
+
+
+def _block_rx(words) -> re.Pattern:
+    return re.compile(r"^(" + "|".join(sorted(words, key=len, reverse=True)) + r")_(\d+)_(.+)$")
 
 
 @lru_cache(maxsize=None)
-def _flux_tables():
-    dif = {"transformer_blocks": {_flat(k): v for k, v in FLUX_DOUBLE.items()},
-           "single_transformer_blocks": {_flat(k): v for k, v in FLUX_SINGLE.items()}}
-    bfl = {"double_blocks": {}, "single_blocks": {}}
-    for (src, dst), table in (((("transformer_blocks", "double_blocks")), FLUX_DOUBLE),
-                              ((("single_transformer_blocks", "single_blocks")), FLUX_SINGLE)):
+def _dit_tables(arch: str):
+    """(diffusers parts by block word, canonical layers by block word, basic map, its reverse, the diffusers and
+    canonical block-name patterns, diffusers block word by canonical one) of one DiT, all keyed by flat paths."""
+    v = DIT[arch]
+    dif, canon, to_dif = {}, {}, {}
+    for dword, cword, table in v.blocks:
+        dif[dword] = {_flat(k): val for k, val in table.items()}
+        to_dif[cword] = dword
+        layers = canon.setdefault(cword, {})
         for part, (layer, lo, hi) in table.items():
-            bfl[dst].setdefault(_flat(layer), (layer, []))[1].append((lo, hi, part))
-    basic = {_flat(k): v for k, v in FLUX_BASIC.items()}
-    basic_rev = {_flat(v): (v, k) for k, v in FLUX_BASIC.items()}
-    return dif, bfl, basic, basic_rev
+            layers.setdefault(_flat(layer), (layer, []))[1].append((lo, hi, part))
+    basic = {_flat(k): val for k, val in v.basic.items()}
+    basic_rev = {_flat(val): (val, k) for k, val in v.basic.items()}
+    return (dif, canon, basic, basic_rev, _block_rx(dif), _block_rx(canon), to_dif)
+
+
+def _swapped(arch: str, part: str, shape) -> bool:
+    """SD3's last context block (pre-only) has a 2h-row adaLN_modulation whose shift/scale halves are swapped
+    between the vocabularies: its rows do not correspond, so it is left unmapped."""
+    return (arch == "sd3" and part == _flat("norm1_context.linear") and shape is not None and len(shape) >= 2
+            and int(shape[0]) == 2 * int(shape[1]))
 
 
 # ---------------------------------------------------------------- pieces
 
-CROSS_ARCHS = {"sd1", "sd2", "sdxl", "flux1"}
-FUSED_VOCAB = {"sgm": False, "diffusers-unet": False, "bfl": True, "diffusers-dit": False}
+CROSS_ARCHS = {"sd1", "sd2", "sdxl", "flux1", "sd3"}
+FUSED_VOCAB = {"sgm": False, "diffusers-unet": False, "bfl": True, "mmdit": True, "diffusers-dit": False}
 
 
 @dataclass(frozen=True)
@@ -169,61 +230,78 @@ def piece_of(family: str, path: str, arch: str, shape) -> Piece:
         to_sgm, _ = _unet_tables(arch)
         sgm = to_sgm.get(path)
         return Piece(f"diffusion:{_flat(sgm)}" if sgm else f"diffusion:{path}")
-    dif, _, basic, _ = _flux_tables()
-    m = _DIF_BLOCK.match(path)
+    dif, _, basic, _, dif_rx, _, _ = _dit_tables(arch)
+    m = dif_rx.match(path)
     if m:
         entry = dif[m.group(1)].get(m.group(3))
-        if entry is None:
+        if entry is None or _swapped(arch, m.group(3), shape):
             return Piece(f"diffusion:{path}")
         layer, lo, hi = entry
-        dst = "double_blocks" if m.group(1) == "transformer_blocks" else "single_blocks"
+        dst = next(c for d, c, _ in DIT[arch].blocks if d == m.group(1))
         flat_layer = f"{dst}_{m.group(2)}_{_flat(layer)}"
         if lo is None:
             return Piece(f"diffusion:{flat_layer}")
         h = int(shape[1]) if shape is not None and len(shape) >= 2 else None
         if h is None:
             return Piece(f"diffusion:{path}")
-        return Piece(f"diffusion:{flat_layer}", (lo * h, hi * h), FUSED_UNITS[layer] * h)
+        return Piece(f"diffusion:{flat_layer}", (lo * h, hi * h), DIT[arch].fused[layer] * h)
     if path in basic:
         return Piece(f"diffusion:{_flat(basic[path])}")
     return Piece(f"diffusion:{path}")
 
 
-def segments(layer: str, total: int) -> list[tuple[tuple, str]] | None:
-    """[((first, stop), diffusers dotted path)] of a fused FLUX layer ('diffusion:<BFL flat path>'), or None."""
-    _, bfl, _, _ = _flux_tables()
-    m = _BFL_BLOCK.match(layer.split(":", 1)[1])
-    if not m or m.group(3) not in bfl[m.group(1)]:
-        return None
-    name, parts = bfl[m.group(1)][m.group(3)]
-    if name not in FUSED_UNITS:
-        return None
-    h = total // FUSED_UNITS[name]
-    src = "transformer_blocks" if m.group(1) == "double_blocks" else "single_transformer_blocks"
-    return sorted(((lo * h, hi * h), f"{src}.{m.group(2)}.{part}") for lo, hi, part in parts)
+def _canonical_layer(path: str, arch: str | None):
+    """(arch, block word, block number, (layer, [(lo, hi, diffusers part)])) of a canonical DiT block layer, or
+    None; every DiT vocabulary is tried when arch is not given (their block words differ)."""
+    for a in ([arch] if arch else list(DIT)):
+        if a not in DIT:
+            continue
+        _, canon, _, _, _, canon_rx, _ = _dit_tables(a)
+        m = canon_rx.match(path)
+        if m and m.group(3) in canon[m.group(1)]:
+            return a, m.group(1), m.group(2), canon[m.group(1)][m.group(3)]
+    return None
 
 
-def dotted_name(layer: str, arch: str, fused_vocab: bool) -> str | None:
-    """The dotted path of a whole canonical layer in one vocabulary (SGM/BFL when fused_vocab, else diffusers)."""
+def segments(layer: str, total: int, arch: str | None = None) -> list[tuple[tuple, str]] | None:
+    """[((first, stop), diffusers dotted path)] of a fused DiT layer ('diffusion:<canonical flat path>': FLUX's
+    BFL qkv/linear1, SD3's MMDiT qkv), or None."""
+    hit = _canonical_layer(layer.split(":", 1)[1], arch)
+    if hit is None:
+        return None
+    a, word, num, (name, parts) = hit
+    units = DIT[a].fused.get(name)
+    if units is None:
+        return None
+    h = total // units
+    src = _dit_tables(a)[6][word]
+    return sorted(((lo * h, hi * h), f"{src}.{num}.{part}") for lo, hi, part in parts)
+
+
+def dotted_name(layer: str, arch: str, fused_vocab: bool, shape=None) -> str | None:
+    """The dotted path of a whole canonical layer in one vocabulary (SGM/BFL/MMDiT when fused_vocab, else
+    diffusers); None when there is no safe translation (`shape`: the layer's weight shape, if known)."""
     path = layer.split(":", 1)[1]
     if arch in UNET_LAYOUTS:
         hit = _unet_tables(arch)[1].get(path)
         return None if hit is None else (hit[0] if fused_vocab else hit[1])
-    if arch != "flux1":
+    if arch not in DIT:
         return None
-    _, bfl, _, basic_rev = _flux_tables()
+    basic_rev = _dit_tables(arch)[3]
     if path in basic_rev:
         return basic_rev[path][0] if fused_vocab else basic_rev[path][1]
-    m = _BFL_BLOCK.match(path)
-    if not m or m.group(3) not in bfl[m.group(1)]:
+    hit = _canonical_layer(path, arch)
+    if hit is None:
         return None
-    name, parts = bfl[m.group(1)][m.group(3)]
+    _, word, num, (name, parts) = hit
+    if _swapped(arch, _flat(parts[0][2]), shape) or (shape is None and arch == "sd3"
+                                                     and parts[0][2] == "norm1_context.linear"):
+        return None
     if fused_vocab:
-        return f"{m.group(1)}.{m.group(2)}.{name}"
-    if name in FUSED_UNITS:
+        return f"{word}.{num}.{name}"
+    if name in DIT[arch].fused:
         return None  # split in diffusers: see segments()
-    src = "transformer_blocks" if m.group(1) == "double_blocks" else "single_transformer_blocks"
-    return f"{src}.{m.group(2)}.{parts[0][2]}"
+    return f"{_dit_tables(arch)[6][word]}.{num}.{parts[0][2]}"
 
 
 def name_like(example: str, dotted: str) -> str:

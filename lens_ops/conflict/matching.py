@@ -8,14 +8,15 @@ of the same layer meet; kohya `lora_te1_…` meets PEFT `text_encoder.…`.
 
 Across the two block vocabularies of one model (see `crossnames`): SGM/ldm UNet names (`input_blocks`,
 `middle_block`, `output_blocks`) meet diffusers names (`down_blocks`, `mid_block`, `up_blocks`) of SD 1.x/2.x and
-SDXL through the block layout of the detected architecture, and BFL FLUX names (`double_blocks`, fused `qkv`,
-`linear1`) meet diffusers names (`transformer_blocks`, separate `to_q/to_k/to_v`, `proj_mlp`). A fused module
+SDXL through the block layout of the detected architecture, BFL FLUX names (`double_blocks`, fused `qkv`,
+`linear1`) meet diffusers names (`transformer_blocks`, separate `to_q/to_k/to_v`, `proj_mlp`), and SD3/SD3.5
+MMDiT names (`joint_blocks`, fused `x_block.attn.qkv`/`context_block.attn.qkv`) meet diffusers names. A fused module
 pairs with its split parts: the first LoRA's fused module against the parts assembled by rows (`RowStack`), or
 each of the first LoRA's parts against the matching row slice of the other's fused module (`RowSlice`); rows of
 a fused module that no part of the first LoRA covers count as present in the other LoRA only. Everything stays
 on factors (ΔW rows [r0, r1) = s·B[r0:r1]·A).
 
-Still not mapped (and said so with a warning naming both schemes): other DiTs (SD3, HunyuanVideo, …) and UNets
+Still not mapped (and said so with a warning naming both schemes): other DiTs (HunyuanVideo, …) and UNets
 whose layout is unknown; such modules are listed as present in one LoRA only.
 """
 from __future__ import annotations
@@ -32,13 +33,15 @@ SCHEMES = {
     "sgm": ("input_blocks", "middle_block", "output_blocks"),
     "diffusers-unet": ("down_blocks", "mid_block", "up_blocks"),
     "bfl": ("double_blocks", "single_blocks"),
+    "mmdit": ("joint_blocks",),
     "diffusers-dit": ("transformer_blocks", "single_transformer_blocks"),
 }
 SCHEME_WORDS = {"sgm": "SGM/ldm UNet names (input_blocks, middle_block, output_blocks)",
                 "diffusers-unet": "diffusers UNet names (down_blocks, mid_block, up_blocks)",
                 "bfl": "BFL FLUX names (double_blocks, single_blocks)",
+                "mmdit": "MMDiT names (joint_blocks)",
                 "diffusers-dit": "diffusers transformer names (transformer_blocks)"}
-CANONICAL_SCHEMES = {"sgm", "bfl"}       # the vocabulary pieces are named in (crossnames)
+CANONICAL_SCHEMES = {"sgm", "bfl", "mmdit"}       # the vocabulary pieces are named in (crossnames)
 
 
 def family(component: str) -> str:
@@ -171,7 +174,7 @@ def layer_units(models, labels, for_output: bool) -> list[Unit]:
         if s0["full"] is not None or s0["parts"]:
             fused = s0["full"] is not None
         elif for_output and vocab0 is not None and layer.startswith("diffusion:"):
-            fused = vocab0 or not (split_any or _fused_layer(layer, slots))
+            fused = vocab0 or not (split_any or _fused_layer(layer, slots, arch))
         else:
             fused = slots[present[0]]["full"] is not None
         if fused:
@@ -187,7 +190,7 @@ def layer_units(models, labels, for_output: bool) -> list[Unit]:
         total = next((s["total"] for s in slots if s["total"]), None)
         if total is None:
             total = next(_shape(s["full"])[0] for s in slots if s["full"] is not None)
-        segs = segments(layer, total) or []
+        segs = segments(layer, total, arch) or []
         touched = set(r for s in slots for r in s["parts"])
         if any(s["full"] is not None for s in slots):
             touched |= {r for r, _ in segs}
@@ -208,10 +211,10 @@ def layer_units(models, labels, for_output: bool) -> list[Unit]:
     return units
 
 
-def _fused_layer(layer, slots) -> bool:
-    """A fused FLUX layer (qkv / linear1) seen only as whole modules."""
+def _fused_layer(layer, slots, arch) -> bool:
+    """A fused DiT layer (FLUX qkv / linear1, SD3 qkv) seen only as whole modules."""
     s = next((x["full"] for x in slots if x["full"] is not None), None)
-    return s is not None and _shape(s) is not None and segments(layer, _shape(s)[0]) is not None
+    return s is not None and _shape(s) is not None and segments(layer, _shape(s)[0], arch) is not None
 
 
 def _key(members, fallback: str) -> str:
@@ -231,11 +234,11 @@ def _stub(layer, arch, vocab0, example0, members, fused_name: bool):
                (m is not None and (canonical_path(m.name) == path) != vocab0) for m in members)
     if not need:
         return None
-    dotted = dotted_name(layer, arch, vocab0)
-    if dotted is None:
-        return None
     m = next(x for x in members if x is not None)
     shape = m.weight_shape()
+    dotted = dotted_name(layer, arch, vocab0, shape)
+    if dotted is None:
+        return None
     return (name_like(example0, dotted), m.component, None if shape is None else tuple(shape))
 
 

@@ -104,3 +104,35 @@ def test_flux_fused_and_split_blend_applies_like_stacking(comfy_inproc, first):
     applied, loaded = _apply(comfy, [out.state_dict()], [1.0], key_map, base_w)
     assert loaded == [len(out_names)]
     _compare(stacked, applied, base_w, 1e-5)
+
+
+SD3_CONFIG = {"depth": 24, "num_blocks": 24}    # SD3 medium: hidden size 64·depth = 1536
+
+
+@pytest.mark.parametrize("first", ["kohya", "diffusers"])
+def test_sd3_mmdit_and_diffusers_blend_applies_like_stacking(comfy_inproc, first):
+    """ComfyUI maps kohya `lora_unet_joint_blocks_…` names and diffusers `transformer.transformer_blocks.…` names
+    (split q/k/v as row offsets into the fused qkv; the last block's context modulation with its halves swapped)
+    onto SD3's weights: the blend, written in the first file's vocabulary, patches like both files stacked."""
+    comfy = comfy_inproc.comfy
+    import comfy.model_base
+    from test_crossnames_sd3 import LAST, MMDIT, _out_rows, diffusers_sd3, kohya_sd3
+    g = torch.Generator().manual_seed(3)
+    base_w = {f"diffusion_model.joint_blocks.{b}.{layer}.weight": 1e-3 * torch.randn(_out_rows(layer, b), generator=g)
+              for b in (0, LAST) for layer in MMDIT}
+    key_map = comfy.lora.model_lora_keys_unet(stand_in_model(comfy.model_base.SD3, base_w, SD3_CONFIG), {})
+    sd_k, sd_d = kohya_sd3(41, dtype=torch.float32), diffusers_sd3(42, dtype=torch.float32)
+    assert isinstance(key_map["transformer.transformer_blocks.0.attn.to_q"], tuple)          # a row offset
+    assert key_map[f"transformer.transformer_blocks.{LAST}.norm1_context.linear"][2] is not None   # swapped halves
+    loras = [sd_k, sd_d] if first == "kohya" else [sd_d, sd_k]
+    w = [0.8, -0.6]
+    stacked, loaded = _apply(comfy, loras, w, key_map, base_w)
+    n_k, n_d = len({k.rsplit(".", 2)[0] for k in sd_k}), len({k.rsplit(".", 2)[0] for k in sd_d})
+    assert sorted(loaded) == sorted([n_k, n_d])           # ComfyUI reads every module of both files
+    out, rep = blend([LoRAModel.from_state_dict(x) for x in loras], w, "concat")
+    assert not rep["warnings"]
+    names = {m.name for m in out.modules}
+    assert (f"lora_unet_joint_blocks_0_x_block_attn_qkv" in names) == (first == "kohya")
+    applied, loaded = _apply(comfy, [out.state_dict()], [1.0], key_map, base_w)
+    assert loaded == [len(out.modules)]
+    _compare(stacked, applied, base_w, 1e-5)
