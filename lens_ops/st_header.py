@@ -21,10 +21,12 @@ DTYPE_BYTES = {
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
 
 
-def read_header(path: str) -> tuple[dict, dict, int]:
+def read_header(path: str, past_end: dict | None = None) -> tuple[dict, dict, int]:
     """Validate a safetensors file's header; return (tensor entries in file order, metadata, data start).
 
-    Raises LensError naming the first problem found. Nothing past the header is read.
+    Raises LensError naming the first problem found. Nothing past the header is read. With a `past_end`
+    dict, tensors whose data lies past the end of a truncated file are put there (key → entry) and left
+    out of the result instead of failing the whole file (for readers that can use the rest).
     """
     name = os.path.basename(path)
     if path.lower().endswith(PICKLE_SUFFIXES):
@@ -73,6 +75,9 @@ def read_header(path: str) -> tuple[dict, dict, int]:
                 or not 0 <= offs[0] <= offs[1]):
             raise LensError(f"{name}: tensor {key!r} has invalid data offsets {offs!r}.")
         if offs[1] > data_len:
+            if past_end is not None:
+                past_end[key] = entry
+                continue
             raise LensError(f"{name} is truncated or corrupt: tensor {key!r} runs past the end of the data "
                             f"({offs[1]} > {data_len} bytes).")
         numel = 1
@@ -86,5 +91,6 @@ def read_header(path: str) -> tuple[dict, dict, int]:
     for (a0, a1, ka), (b0, b1, kb) in zip(spans, spans[1:]):
         if b0 < a1 and b1 > b0:
             raise LensError(f"{name} is corrupt: tensors {ka!r} and {kb!r} overlap in the file.")
-    ordered = dict(sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]))
+    ordered = dict(sorted(((k, v) for k, v in header.items() if not past_end or k not in past_end),
+                          key=lambda kv: kv[1]["data_offsets"][0]))
     return ordered, metadata, 8 + n

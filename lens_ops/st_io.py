@@ -52,9 +52,9 @@ class MappedFile:
     a streamed job stays near one module's worth instead of the whole file.
     """
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, past_end: dict | None = None):
         self.path = path
-        self.entries, self.metadata, self.data_start = read_header(path)
+        self.entries, self.metadata, self.data_start = read_header(path, past_end)
         with open(path, "rb") as f:
             self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
         self._anchor = ctypes.c_char.from_buffer(self._mm)  # keeps the buffer exported while views live

@@ -151,6 +151,8 @@ class PackLoRADB:
             "optional": {
                 "loras": (LORA, {"tooltip": "LoRAs from the graph (a list input: connect a list or several "
                                             "runs' outputs). Each becomes one entry."}),
+                **{f"loras_{i}": (LORA, {"tooltip": f"More LoRAs from the graph (#{i}; a list input too), packed "
+                                                    "after those of the sockets before it."}) for i in range(2, 5)},
                 "lora_names": ("STRING", {"default": "", "tooltip": "Names for the graph LoRAs, comma-separated, "
                                                                    "in order (default: lora_1, lora_2, …)."}),
                 **pick,
@@ -187,6 +189,8 @@ class PackLoRADB:
             raise LensError(f"The snr_db value is {snr_db}; use a finite number of dB (e.g. 35).")
         items = []
         graph = [x for x in (loras or []) if x is not None]
+        for i in range(2, 5):   # the extra graph sockets, in order (each a list: INPUT_IS_LIST)
+            graph += [x for x in (picked.pop(f"loras_{i}", None) or []) if x is not None]
         # one widget string (comma-separated) or a list wired in (e.g. ExtractLoRADB's names): one name per item
         names_in = [x for x in (lora_names if isinstance(lora_names, list) else [lora_names]) if x is not None]
         given = _split(names_in[0]) if len(names_in) == 1 else [str(x).strip() for x in names_in]

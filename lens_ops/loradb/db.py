@@ -390,7 +390,7 @@ class Collection:
             self.reader = None
             self.legacy = LegacyCollection(path)
             self.header = self.legacy.header
-            self.warnings = []
+            self.warnings = list(self.legacy.warnings)
         self.entries = [e for e in self.header["entries"] if isinstance(e, dict)]
 
     def close(self):

@@ -44,8 +44,9 @@ class LegacyCollection:
         self.name = os.path.basename(path)
         if path.lower().endswith((".ckpt", ".pt", ".pth", ".bin", ".pkl")):
             raise LensError(f"{self.name} is not a .loradb file.")
+        self.past_end: dict = {}   # tensors of a truncated file that lie past its end (their entries are damaged)
         try:
-            tensors, meta, _ = read_header(path)
+            tensors, meta, _ = read_header(path, self.past_end)
         except LensError as e:
             raise LensError(f"{self.name} is neither a LoRA Lens .loradb nor a readable app v1.0 collection "
                             f"({str(e).rstrip('.')}).") from None
@@ -62,6 +63,7 @@ class LegacyCollection:
         if (not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names)
                 or not 0 <= base_index < len(names)):
             raise LensError(f"{self.name}: its lora_names/base_index metadata is malformed.")
+        tensors = {**tensors, **self.past_end}
         self.meta, self.keys = meta, tensors
         self.base_index = base_index
         self.base = {k[5:]: v for k, v in tensors.items() if k.startswith("base_")}
@@ -73,8 +75,11 @@ class LegacyCollection:
                 self.records.setdefault(i, {}).setdefault(m.group(3), {})[m.group(2)] = k
         entries = []
         taken = set()
+        def nbytes(keys):
+            return sum(tensors[k]["data_offsets"][1] - tensors[k]["data_offsets"][0] for k in keys)
         for i, n in enumerate(names):
-            shapes = self.base if i == base_index else {}
+            own = (["base_" + k for k in self.base] if i == base_index
+                   else [k for r in self.records.get(i, {}).values() for k in r.values()])
             # the app stored names as the user gave them: folders (either separator) and clashes happen
             name = base = entry_name(os.path.splitext(re.split(r"[\\/]", n)[-1])[0]) or f"entry_{i}"
             k = 2
@@ -86,8 +91,15 @@ class LegacyCollection:
                             "index": i, "original_bytes": None, "lossless": False, "exact_tensors": i == base_index,
                             "layers": ["app v1.0 " + ("base" if i == base_index else "delta") + " (lossy source)"],
                             "architecture": None, "rank": None, "dtype": None, "metadata": {},
-                            "stored_bytes": sum(int(np.prod(v["shape"] or [1])) * 2 for v in shapes.values()),
+                            "stored_bytes": nbytes(own),
                             "trigger_words": []})
+        self.warnings = []
+        if self.past_end:
+            base_lost = any("base_" + k in self.past_end for k in self.base)   # every entry reads the base
+            lost = [e["name"] for e in entries if base_lost or any(
+                k in self.past_end for r in self.records.get(e["index"], {}).values() for k in r.values())]
+            self.warnings.append(f"the file is truncated: {len(self.past_end)} tensor(s) lie past its end; "
+                                 f"damaged entr{'y' if len(lost) == 1 else 'ies'}: {', '.join(map(repr, lost))}.")
         self.header = {"format": "loradb-app-1.0", "version": [1, 0],
                        "collection": {"name": os.path.splitext(self.name)[0], "creator": meta.get("creator", ""),
                                       "description": meta.get("description", ""),
@@ -96,8 +108,18 @@ class LegacyCollection:
                        "entries": entries}
 
     def _load(self, keys: list[str], what: str) -> dict[str, torch.Tensor]:
+        lost = [k for k in keys if k in self.past_end]
+        if lost:
+            raise LensError(f"{what} is damaged: its tensor {lost[0]!r} lies past the end of the file "
+                            "(the file is truncated).")
         try:
-            t, _ = load_file(self.path, keys=keys)
+            if self.past_end:   # a truncated file: safetensors refuses it whole, its intact tensors are read here
+                from ..st_io import MappedFile
+                f, wanted = MappedFile(self.path, {}), set(keys)
+                t = {k: f.tensor(k).clone() for k in f.entries if k in wanted}
+                del f
+            else:
+                t, _ = load_file(self.path, keys=keys)
         except LensError as e:
             raise LensError(f"{what} is damaged: {str(e).rstrip('.')}.") from None
         return t
@@ -143,10 +165,10 @@ class LegacyCollection:
                 raise LensError(f"{what} is damaged: the factors of {key!r} have inconsistent shapes.")
             if u.shape[0] * v.shape[0] > MAX_KEY_ELEMS:
                 raise LensError(f"{what} is damaged: {key!r} would be {u.shape[0]}×{v.shape[0]} (too large).")
+            if p == "" and (base is None or base.numel() != u.shape[0] * v.shape[0]):   # before the product
+                raise LensError(f"{what} is damaged: the delta of {key!r} does not match its base tensor.")
             d = (u * s) @ v.T
             if p == "":
-                if base is None or base.numel() != d.numel():
-                    raise LensError(f"{what} is damaged: the delta of {key!r} does not match its base tensor.")
                 t = base.float() + d.reshape(base.shape)
             else:
                 t = d
