@@ -113,6 +113,8 @@ class LoRAModule:
         n = 0
         for t in self.tensors.values():
             if t.is_floating_point():
+                if t.element_size() == 1:   # fp8 (torch has no isfinite for it): fp16 holds every fp8 value exactly
+                    t = t.to(torch.float16)
                 n += int(t.numel() - torch.isfinite(t).sum().item())
         return n
 

@@ -345,3 +345,24 @@ def test_pack_list_extract_round_trip_of_fresh_kinds_and_metadata(tmp_path, caps
     for f in files:
         got = out_dir / os.path.basename(f)
         assert hashlib.sha256(got.read_bytes()).hexdigest() == hashlib.sha256(open(f, "rb").read()).hexdigest()
+
+
+# ----------------------------------------------------------------------------------- fp8 files elsewhere
+def test_fp8_files_are_read_by_info_pack_and_the_nan_check(tmp_path, capsys):
+    """Issue 5: an fp8 (e4m3fn) LoRA is read anywhere in lens_ops. `info`, a lossy `pack` and ApplyLoRA's NaN
+    check stopped with "isfinite not implemented for 'Float8_e4m3fn'" (LoRAModule.nonfinite)."""
+    src = tmp_path / "k.safetensors"
+    _kinds_file(src, torch.float16)
+    f8 = tmp_path / "f8.safetensors"
+    code, _, err = _run(capsys, "quantize", str(src), "-o", str(f8), "--fp8")
+    assert code == 0, err
+    code, out, err = _run(capsys, "info", str(f8))
+    assert code == 0 and "fp8" in out.lower(), err
+    code, out, err = _run(capsys, "pack", "-o", str(tmp_path / "f8.loradb"), str(f8), "--int8")
+    assert code == 0, err
+    m = next(m for m in LoRAModel.load(str(f8)).modules
+             if "down" in m.tensors and m.tensors["down"].dtype == torch.float8_e4m3fn)
+    assert m.nonfinite() == 0
+    bad = m.tensors["down"].clone()
+    bad.view(torch.uint8)[0, 0] = 0x7F   # e4m3fn NaN
+    assert m.with_tensors({**m.tensors, "down": bad}).nonfinite() == 1

@@ -249,3 +249,36 @@ def test_lossy_pack_node_of_fresh_kinds_meets_its_recorded_error_in_core(comfy_s
         recorded = (e.get("error") or {}).get("snr_db")
         if recorded is not None:
             assert abs(snr - recorded) < 0.1, (src, snr, recorded)
+
+
+def test_apply_lora_takes_an_fp8_quantized_lora_from_the_graph(comfy_server):
+    """QuantizeInt8 (fp8) → ApplyLoRA: the same image as core's LoraLoader on the saved fp8 file. ApplyLoRA's NaN
+    check stopped on fp8 tensors ("isfinite" not implemented for 'Float8_e4m3fn')."""
+    ckpt = _ckpt(comfy_server)
+    sd = make_lora("sd15_kohya_locon", rank=4, seed=63, dtype=torch.float16)
+    save_file(sd, os.path.join(comfy_server.loras, "a57_f8src.safetensors"), sd.metadata)
+    quant = {"10": {"class_type": "LoadLoRAFile", "inputs": {"lora_name": "a57_f8src.safetensors"}},
+             "11": {"class_type": "QuantizeInt8", "inputs": {"lora": ["10", 0], "format": "fp8 (e4m3fn)",
+                                                             "method": "rebalance+rotate", "min_snr_db": 40.0,
+                                                             "keep_fp16_below": False}}}
+    save = dict(quant, **{"12": {"class_type": "SaveLoRAFile", "inputs": {"lora": ["11", 0],
+                                                                         "filename_prefix": "a57f8/q",
+                                                                         "copy_to_loras": False}}})
+    entry = comfy_server.run(save)
+    assert entry["status"]["status_str"] == "success", errors_of(entry)
+    path = _saved(comfy_server, "a57f8")[0]
+    with safe_open(path, "pt") as f:
+        assert any(f.get_slice(k).get_dtype() == "F8_E4M3" for k in f.keys())
+    shutil.copy(path, os.path.join(comfy_server.loras, "a57_f8.safetensors"))
+    apply_nodes = dict(quant, **{"13": {"class_type": "ApplyLoRA", "inputs": {
+        "model": ["1", 0], "clip": ["1", 1], "lora": ["11", 0], "strength_model": 6.0, "strength_clip": 6.0}}})
+    e1 = comfy_server.run(sample_prompt(ckpt, apply_nodes, ["13", 0], ["13", 1], prefix="a57f8img/apply"))
+    assert e1["status"]["status_str"] == "success", errors_of(e1)
+    core = {"14": {"class_type": "LoraLoader", "inputs": {"model": ["1", 0], "clip": ["1", 1],
+                                                          "lora_name": "a57_f8.safetensors",
+                                                          "strength_model": 6.0, "strength_clip": 6.0}}}
+    e2 = comfy_server.run(sample_prompt(ckpt, core, ["14", 0], ["14", 1], prefix="a57f8img/core"))
+    assert e2["status"]["status_str"] == "success", errors_of(e2)
+    e0 = comfy_server.run(sample_prompt(ckpt, {}, ["1", 0], ["1", 1], prefix="a57f8img/none"))
+    a, b, base = saved_image(comfy_server, e1), saved_image(comfy_server, e2), saved_image(comfy_server, e0)
+    assert abs(a - base).max() > 0 and abs(a - b).max() <= 1
