@@ -366,3 +366,23 @@ def test_fp8_files_are_read_by_info_pack_and_the_nan_check(tmp_path, capsys):
     bad = m.tensors["down"].clone()
     bad.view(torch.uint8)[0, 0] = 0x7F   # e4m3fn NaN
     assert m.with_tensors({**m.tensors, "down": bad}).nonfinite() == 1
+
+
+def test_entries_and_files_may_follow_the_output_option(tmp_path, capsys):
+    """`lora-lens extract DB -o DIR ENTRY` and `lora-lens pack A -o OUT.loradb B` failed with argparse's
+    "unrecognized arguments" (a list positional after an option); options and positionals now mix freely."""
+    files = []
+    for i in range(2):
+        sd = make_lora("sd15_kohya", rank=2, seed=70 + i, max_modules=3)
+        p = tmp_path / f"m{i}.safetensors"
+        save_file(sd, str(p), sd.metadata)
+        files.append(str(p))
+    db = tmp_path / "mix.loradb"
+    code, out, err = _run(capsys, "pack", files[0], "-o", str(db), files[1], "--tag", "t")
+    assert code == 0, err
+    code, out, err = _run(capsys, "extract", str(db), "-o", str(tmp_path / "o"), "m1")
+    assert code == 0, err
+    assert os.listdir(tmp_path / "o") == ["m1.safetensors"]
+    assert (tmp_path / "o" / "m1.safetensors").read_bytes() == open(files[1], "rb").read()
+    with pytest.raises(SystemExit):   # a real unknown option is still argparse's error
+        cli_main(["extract", str(db), "-o", str(tmp_path / "o2"), "m1", "--bogus"])

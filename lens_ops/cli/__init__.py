@@ -101,10 +101,24 @@ def _named_command(argv: list[str]) -> str | None:
     return first if first in command_names() else None
 
 
+def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """Parse a command line; positionals may come on both sides of options (`extract DB -o DIR ENTRY`,
+    `pack A.safetensors -o OUT.loradb B.safetensors`), which plain argparse refuses for a list positional
+    that follows another positional or an option ("unrecognized arguments")."""
+    args, extra = parser.parse_known_args(argv)
+    if extra and getattr(args, "command", None) in argv:
+        sub = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
+        cmd = sub.choices.get(args.command) if sub is not None else None
+        if cmd is not None:
+            return cmd.parse_intermixed_args(argv[argv.index(args.command) + 1:],
+                                             argparse.Namespace(command=args.command))
+    return parser.parse_args(argv)   # (no extras: parsed as before; other extras: argparse's own error)
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else [*argv]   # (`list` here is the sub-command module)
     parser = build_parser(_named_command(argv))
-    args = parser.parse_args(argv)
+    args = _parse(parser, argv)
     try:
         if args._device:
             args.device = resolve_device(args.device)
