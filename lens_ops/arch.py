@@ -28,6 +28,10 @@ class Architecture:
         return LABELS[self.id]
 
 
+# the two-stream (FLUX/SD3/Qwen-Image) attention projections of diffusers' transformer_blocks: each reads the width
+ATTN_PROJ = r"transformer_blocks_\d+_attn_(?:to_[qkv]|add_[qkv]_proj|to_out_0|to_add_out)$"
+
+
 def _max_index(names, rx):
     vals = [int(m.group(1)) for n in names for m in [re.search(rx, n)] if m]
     return max(vals) if vals else -1
@@ -93,7 +97,7 @@ def detect(modules, metadata: dict | None = None) -> Architecture:
             return Architecture("lumina2", "refiner/feed_forward layers, 2304 wide")
         return Architecture("z_image", "noise/context refiner and feed_forward layers" + (f", {dim} wide" if dim else ""))
     if any("transformer_blocks" in n and "attn_add_" in n for n in diff) or any("context_block" in n for n in diff):
-        dim = in_dim(r"transformer_blocks_\d+_attn_to_q$")
+        dim = in_dim(r"transformer_blocks_\d+_attn_to_q$") or in_dim(ATTN_PROJ)   # any projection reads the width
         if dim == 3072 and _max_index(diff, r"(?:^|_)transformer_blocks_(\d+)") >= 19:
             return Architecture("qwen_image", "MMDiT transformer_blocks past FLUX's 19, 3072 wide (Qwen-Image)")
         if dim == 3072:
@@ -105,7 +109,7 @@ def detect(modules, metadata: dict | None = None) -> Architecture:
                                                 "down_blocks", "up_blocks", "mid_block"))
     if not unet and any(re.search(r"(?:^|_)transformer_blocks_\d+_", n) for n in diff):
         # a DiT's transformer_blocks outside any UNet block: never SD 1.x/2.x/XL, whatever its cross-attention reads
-        q = in_dim(r"transformer_blocks_\d+_attn_to_[qkv]$")
+        q = in_dim(r"transformer_blocks_\d+_attn_to_[qkv]$") or in_dim(ATTN_PROJ)
         top = _max_index(diff, r"(?:^|_)transformer_blocks_(\d+)")
         if q in (1536, 2432):
             return Architecture("sd3", f"diffusers MMDiT transformer_blocks, {q} wide")

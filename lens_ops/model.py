@@ -32,6 +32,8 @@ CHECKPOINT_PREFIXES = ("model.diffusion_model.", "first_stage_model.", "cond_sta
 
 _DIT_BLOCK = re.compile(r"(?:^|_)(?<!single_)transformer_blocks_(\d+)")
 _SINGLE_STREAM = re.compile(r"(?:^|_)transformer_blocks_\d+_attn[12]_")   # LTX-Video, PixArt: self + cross attention
+# two-stream blocks (FLUX/SD3/Qwen-Image): SD3.5 medium's x_block has a second attention `attn2` next to `attn`
+_TWO_STREAM = re.compile(r"(?:^|_)transformer_blocks_\d+_(?:attn_|ff_context_|norm1_context_)")
 _STREAM_BLOCK = re.compile(r"(?:^|_)(double|single)_stream_blocks_(\d+)")
 
 
@@ -148,7 +150,8 @@ def _group(state: dict[str, torch.Tensor]) -> list[LoRAModule]:
         roles[role] = key
     names = list(groups)
     comps = name_components(names)
-    single = any(c == "transformer" and _SINGLE_STREAM.search(flat(n)) for n, c in zip(names, comps))
+    dit = [flat(n) for n, c in zip(names, comps) if c == "transformer"]
+    single = any(_SINGLE_STREAM.search(f) for f in dit) and not any(_TWO_STREAM.search(f) for f in dit)
     modules = []
     for base, comp in zip(names, comps):
         keys = groups[base]
@@ -337,6 +340,8 @@ def exact_factors(module, dtype=torch.float32, device="cpu"):
     kind's exact two-factor form (LoKr: kron of the sides' factors, LoHa: rank r₁·r₂; `kind.factor_pair`). Works on
     anything with `lowrank`, `kind` and `scale` (also the cross-name row slices of lens_ops.conflict)."""
     f = module.lowrank(dtype, device)
+    if f is None and hasattr(module, "exact_factors"):   # a row view of fused/split modules assembles its own
+        return module.exact_factors(dtype, device)
     if f is None:
         p = module.kind.factor_pair(module, dtype, device)
         f = None if p is None else (p[0], p[1], module.scale())

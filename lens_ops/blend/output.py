@@ -12,6 +12,7 @@ import os
 
 import torch
 
+from ..conflict.crossnames import basic_scheme
 from ..conflict.matching import canonical_path, family, scheme_of
 from ..keys import strip_prefix
 from ..kinds import BY_NAME, UNKNOWN
@@ -94,7 +95,8 @@ class OutputStyle:
         is known. The name may equal the module's own when it already follows the convention."""
         fam = family(module.component)
         if fam == "diffusion":
-            s = scheme_of(module)
+            # a DiT layer outside the blocks named in one vocabulary only (FLUX/SD3 norm_out ↔ final_layer) counts too
+            s = scheme_of(module) or basic_scheme(canonical_path(module.name), self.model.architecture.id)
             if s is not None and self.schemes and s not in self.schemes:
                 return module.name, False
         prefix = self.prefix.get(fam)

@@ -180,6 +180,26 @@ DIT = {
 }
 
 
+# layers outside the blocks named differently in the two vocabularies whose rows do not correspond (ComfyUI's
+# swap_scale_shift): never paired, and a module keeps its own name, as no name in the other vocabulary is read for it
+SWAPPED_BASIC = {"norm_out.linear": "final_layer.adaLN_modulation.1"}
+CANONICAL_SCHEME = {"flux1": "bfl", "sd3": "mmdit"}
+
+
+def basic_scheme(path: str, arch: str) -> str | None:
+    """The vocabulary ('bfl'/'mmdit' or 'diffusers-dit') a DiT layer outside the blocks is named in, by its flat path,
+    when its name differs between the vocabularies (`context_embedder` does not), else None; every DiT vocabulary is
+    tried when `arch` is not one."""
+    for a in ([arch] if arch in DIT else list(DIT)):
+        pairs = list(DIT[a].basic.items()) + list(SWAPPED_BASIC.items())
+        dif, canon = {_flat(d) for d, c in pairs if d != c}, {_flat(c) for d, c in pairs if d != c}
+        if path in dif:
+            return "diffusers-dit"
+        if path in canon:
+            return CANONICAL_SCHEME[a]
+    return None
+
+
 def _block_rx(words) -> re.Pattern:
     return re.compile(r"^(" + "|".join(sorted(words, key=len, reverse=True)) + r")_(\d+)_(.+)$")
 
@@ -339,7 +359,14 @@ class RowSlice:
         return None if s is None else (self.rows[1] - self.rows[0], *tuple(s)[1:])
 
     def lowrank(self, dtype=torch.float32, device="cpu"):
-        f = self.module.lowrank(dtype, device)
+        return self._rows(self.module.lowrank(dtype, device))
+
+    def exact_factors(self, dtype=torch.float32, device="cpu"):
+        """The rows of the module's exact two-factor form (LoKr/LoHa too; see model.exact_factors)."""
+        from ..model import exact_factors
+        return self._rows(exact_factors(self.module, dtype, device))
+
+    def _rows(self, f):
         if f is None:
             return None
         b, a, s = f
@@ -388,7 +415,14 @@ class RowStack:
         return None if s is None else (self.total, *tuple(s)[1:])
 
     def lowrank(self, dtype=torch.float32, device="cpu"):
-        fs = [m.lowrank(dtype, device) for _, m in self.parts]
+        return self._stack([m.lowrank(dtype, device) for _, m in self.parts])
+
+    def exact_factors(self, dtype=torch.float32, device="cpu"):
+        """The parts' exact two-factor forms (LoKr/LoHa too; see model.exact_factors) assembled by rows."""
+        from ..model import exact_factors
+        return self._stack([exact_factors(m, dtype, device) for _, m in self.parts])
+
+    def _stack(self, fs):
         if any(f is None for f in fs):
             return None
         r = sum(f[0].shape[1] for f in fs)
