@@ -386,3 +386,15 @@ def test_entries_and_files_may_follow_the_output_option(tmp_path, capsys):
     assert (tmp_path / "o" / "m1.safetensors").read_bytes() == open(files[1], "rb").read()
     with pytest.raises(SystemExit):   # a real unknown option is still argparse's error
         cli_main(["extract", str(db), "-o", str(tmp_path / "o2"), "m1", "--bogus"])
+
+
+def test_app_v1_file_without_base_tensors_names_the_base_entry(tmp_path, capsys):
+    """An app v1.0 file with no base_ tensors wrote its base entry as an empty .safetensors (a LoRA with no
+    tensors) and exited 0; the entry is damaged: named, not written, the other entry still extracted."""
+    p = tmp_path / "nobase.loradb"
+    st_save({"lora1_full_m.lora_up.weight": torch.randn(4, 2).half(),
+             "lora1_full_m.lora_down.weight": torch.randn(2, 4).half()}, str(p),
+            {"loradb_version": "1.0", "lora_names": json.dumps(["a.safetensors", "b.safetensors"]), "base_index": "0"})
+    code, out, err = _run(capsys, "extract", str(p), "-o", str(tmp_path / "o"))
+    assert code != 0 and "'a'" in err and len(err.strip().splitlines()) == 1, err
+    assert os.listdir(tmp_path / "o") == ["b.safetensors"]

@@ -130,6 +130,8 @@ class LegacyCollection:
         base = self._load(["base_" + k for k in self.base], what)
         base = {k[5:]: v for k, v in base.items()}
         if i == self.base_index:
+            if not base:   # an empty LoRA is no entry: the file is damaged (or not the app's)
+                raise LensError(f"{what} has no stored tensors (the file holds no base_ tensors).")
             return base
         recs = self.records.get(i, {})
         if not recs:
