@@ -505,3 +505,31 @@ def test_cli_blend_with_the_problem_list_and_block_weights(files, order, method)
     te_ref = {x: dense(load_file(str(files / f"{x}.safetensors"))) for x in "kd"}
     n = "lora_te3_encoder_block_0_layer_0_SelfAttention_q"
     assert rel(te[n], w["k"] * te_ref["k"][n] + w["d"] * te_ref["d"][n]) < 1e-2
+
+
+# ---------------------------------------------------------------- bug: one SD3 block reported under two labels
+
+@pytest.mark.parametrize("first", ["mmdit", "diffusers"])
+def test_conflict_blocks_name_one_sd3_block_once(first):
+    """MMDiT modules are labelled 'joint N', diffusers ones 'double N'. The conflict report's blocks put the shared
+    modules under A's label but B's unpaired ones under B's, so block 0 appeared twice ('double 0' with the shared
+    change, 'joint 0' with the rest) and each row's only_in_one_energy_share was wrong."""
+    k = mmdit_lora("sd3m", (0,), layers={"x_block.attn.qkv", "x_block.attn.proj", "context_block.mlp.fc2"}, seed=51)
+    d = diffusers_lora("sd3m", (0,), parts={"attn.to_q", "ff.net.2"}, seed=52)
+    a, b = (k, d) if first == "mmdit" else (d, k)
+    rep = scan(a, b)
+    label = "joint 0" if first == "mmdit" else "double 0"
+    assert set(rep["blocks"]) == {label}
+    row = rep["blocks"][label]
+    # reference share: energy of the unpaired modules (whole modules, both files) over the block's total
+    ra, rb = to_mmdit(a, "sd3m", (0,)), to_mmdit(b, "sd3m", (0,))
+    qkv = "joint_blocks.0.x_block.attn.qkv"
+    e = lambda t: float(t.pow(2).sum())
+    only = sum(e(v) for key, v in ra.items() if key not in rb) + sum(e(v) for key, v in rb.items() if key not in ra)
+    if first == "diffusers":   # A's to_q meets the kohya qkv's q rows; its k/v rows are in B only
+        only += e(rb[qkv][1536:])
+        shared = e(ra[qkv]) + e(rb[qkv][:1536])
+    else:
+        shared = e(ra[qkv]) + e(rb[qkv])
+    tot = only + shared
+    assert abs(row["only_in_one_energy_share"] - only / tot) < 1e-4

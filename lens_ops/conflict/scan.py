@@ -191,8 +191,16 @@ def scan(a, b, device="cpu", dtype=torch.float32, progress: Callable[[int, int],
         else:
             m["verdict"] = "mild"
     only_energy = {}
+    heads_a = {m.block.split(" ")[0] for m in a.modules}
     for which, lst in (("a", match.only_a), ("b", match.only_b)):
         for _, m in lst:
+            blk = m.block
+            if which == "b" and match.cross_scheme and match.architecture == "sd3":
+                # one SD3 block, one label: MMDiT names say 'joint N', diffusers names 'double N'; A's word wins
+                head, _, idx = blk.partition(" ")
+                other = {"joint": "double", "double": "joint"}.get(head)
+                if other in heads_a and head not in heads_a:
+                    blk = f"{other} {idx}"
             f = m.lowrank(torch.float32, device)
             if f is not None:
                 bb, aa, s = f
@@ -200,8 +208,7 @@ def scan(a, b, device="cpu", dtype=torch.float32, progress: Callable[[int, int],
             else:
                 d = m.delta(torch.float32, device)
                 e = float(d.double().pow(2).sum()) if d is not None else 0.0
-            only_energy.setdefault(m.block, 0.0)
-            only_energy[m.block] += e
+            only_energy[blk] = only_energy.get(blk, 0.0) + e
     # ---- per block
     blocks: dict[str, dict] = {}
     for name, m in modules.items():

@@ -73,3 +73,81 @@ def test_blend_applies_like_both_stacked(comfy_inproc, model, blocks, convention
     applied, unread = _apply(comfy, [out.state_dict()], [1.0], key_map, base)
     assert unread == [[]], unread                              # and every module of the blend
     assert _compare(stacked, applied, base, 1e-5) == len(base)  # every weight changed, as stacked
+
+
+def _split(sd, in_block0):
+    """(the modules of block 0, the rest) of a state dict, by module name."""
+    a, b = {}, {}
+    for key, t in sd.items():
+        (a if in_block0(key) else b)[key] = t
+    return a, b
+
+
+def _block0(key):
+    return any(s in key for s in ("joint_blocks_0_", "transformer_blocks.0.", "transformer_blocks_0_"))
+
+
+@pytest.mark.parametrize("first", ["mmdit", "diffusers"])
+def test_partial_lokr_dora_and_block_weights_apply_like_stacking(comfy_inproc, first):
+    """SD3.5 large: a kohya file with a LoKr qkv in block 0, a DoRA attn.proj in block 37 (only it has that layer,
+    strength 1) and LoRA elsewhere, against a OneTrainer file covering only to_q and pos_embed.proj; blended with
+    joint0=0.5 (double0 for a diffusers-first blend's own word works the same): ComfyUI applies the blend like both
+    files stacked, block 0 at half strength."""
+    comfy = comfy_inproc.comfy
+    model, blocks = "sd35l", (0, 37)
+    base, key_map = _setup(comfy, model, blocks, seed=5)
+    k = mmdit_lora(model, (0,), layers={"x_block.attn.qkv"}, seed=61, kind="lokr")
+    k.update(mmdit_lora(model, (37,), layers={"x_block.attn.proj"}, seed=62, kind="dora"))
+    k.update(mmdit_lora(model, blocks, layers={"context_block.attn.qkv", "x_embedder.proj",
+                                               "context_block.adaLN_modulation.1"}, basic=True, seed=63))
+    d = diffusers_lora(model, blocks, parts={"attn.to_q", "pos_embed.proj", "norm1_context.linear"},
+                       convention="onetrainer", basic=True, seed=64)
+    w = {"k": 1.0, "d": 0.7}
+    loras = [("k", k), ("d", d)] if first == "mmdit" else [("d", d), ("k", k)]
+    parts, strengths = [], []
+    for tag, sd in loras:
+        b0, rest = _split(sd, _block0)
+        parts += [b0, rest]
+        strengths += [0.5 * w[tag], w[tag]]
+    stacked, unread = _apply(comfy, parts, strengths, key_map, base)
+    assert all(u == [] for u in unread)
+    item = "joint0=0.5" if first == "mmdit" else "double0=0.5"
+    out, rep = blend([model_of(sd) for _, sd in loras], [w[t] for t, _ in loras], "concat", block_weights=item)
+    assert not rep["warnings"]
+    applied, unread = _apply(comfy, [out.state_dict()], [1.0], key_map, base)
+    assert unread == [[]], unread
+    changed = _compare(stacked, applied, base, 1e-5)
+    # x qkv, context qkv and context modulation of both blocks, block 37's x proj (DoRA), x_embedder
+    assert changed == 8
+
+
+@pytest.mark.parametrize("convention", ["transformer", "onetrainer"])
+@pytest.mark.parametrize("first", ["mmdit", "diffusers"])
+def test_text_encoder_modules_mixed_with_the_transformer_apply_like_stacking(comfy_inproc, convention, first):
+    """CLIP-L, CLIP-G and T5 modules next to the transformer's (kohya `lora_te1_/te2_/te3_`, diffusers
+    `text_encoder.`/`text_encoder_2.`): ComfyUI's CLIP key map (SD3's three encoders) and SD3 key map read every
+    module of the blend, which patches text encoders and transformer like both files stacked."""
+    from types import SimpleNamespace
+    from test_qa_sd3 import TE
+    comfy = comfy_inproc.comfy
+    base, key_map = _setup(comfy, "sd3m", (0,), seed=7)
+    g = torch.Generator().manual_seed(8)
+    te_w = {"clip_l.transformer." + TE["te1"][0] + ".weight": TE["te1"][1],
+            "clip_l.transformer.text_model.encoder.layers.0.mlp.fc1.weight": (3072, 768),
+            "clip_g.transformer." + TE["te2"][0] + ".weight": TE["te2"][1],
+            "t5xxl.transformer." + TE["te3"][0] + ".weight": TE["te3"][1]}
+    te_base = {k: 1e-3 * torch.randn(s, generator=g) for k, s in te_w.items()}
+    key_map = comfy.lora.model_lora_keys_clip(SimpleNamespace(state_dict=lambda: te_base), dict(key_map))
+    base = {**base, **te_base}
+    k = mmdit_lora("sd3m", (0,), layers={"x_block.attn.qkv", "x_block.mlp.fc2"}, te=True, seed=71)
+    d = diffusers_lora("sd3m", (0,), parts={"attn.to_k", "ff.net.2"}, convention=convention, te=True, seed=72)
+    if convention == "transformer":     # diffusers SD3 trainers train the two CLIPs; ComfyUI has no text_encoder_3.
+        d = {n: t for n, t in d.items() if not n.startswith("text_encoder_3.")}
+    loras = [k, d] if first == "mmdit" else [d, k]
+    w = [1.2, -0.5]
+    stacked, unread = _apply(comfy, loras, w, key_map, base)
+    assert unread == [[], []]
+    out, rep = blend([model_of(x) for x in loras], w, "concat")
+    applied, unread = _apply(comfy, [out.state_dict()], [1.0], key_map, base)
+    assert unread == [[]], unread
+    assert _compare(stacked, applied, base, 1e-5) == 5   # 3 text-encoder weights, qkv, fc2
