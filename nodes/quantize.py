@@ -43,8 +43,9 @@ class QuantizeInt8:
                 "min_snr_db": ("FLOAT", {"default": DEFAULT_MIN_SNR, "min": 0.0, "max": 200.0, "step": 0.5,
                                          "tooltip": "Warn for modules whose ΔW SNR falls under this many dB."}),
                 "keep_fp16_below": ("BOOLEAN", {"default": False,
-                                                "tooltip": "Keep modules under the SNR threshold in their original "
-                                                           "precision (a mixed file, still loadable everywhere)."}),
+                                                "tooltip": "Keep modules under the SNR threshold in fp16 instead of "
+                                                           "int8 (a mixed file, still loadable everywhere); fp32/bf16 "
+                                                           "factors are rounded to fp16 and that error is reported."}),
             },
             "optional": {
                 "dense_metrics": (["auto", "on", "off"],

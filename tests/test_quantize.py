@@ -559,3 +559,46 @@ def test_big_lokr_metrics_summed_in_float64():
     assert d["mse"] * ref.numel() == pytest.approx(err, rel=1e-5)
     assert d["mae"] == pytest.approx(float((ref - got).abs().mean()), rel=1e-5)
     assert rep["per_module"][0]["tensors"]["mse"] > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("metrics", ["exact", "sampled"])
+def test_keep_fp16_rounds_fp32_and_bf16_modules_to_fp16_and_reports_that_error(dtype, metrics):
+    """keep_below stores the weak modules in fp16 (what --keep-fp16 says), whatever the input's float dtype, and the
+    report's ΔW error for them is that rounding's, equal to a dense float64 comparison."""
+    g = gen(5)
+    sd = {}
+    for i, kind in enumerate(("lora", "loha", "tucker")):
+        t, _ = kind_tensors(kind, g)
+        for suffix, v in t.items():
+            sd[f"lora_unet_down_blocks_0_attentions_0_proj_in_{i}" + suffix] = v.to(dtype) if v.ndim else v
+    q, rep = quantize_model(sd, min_snr=300.0, keep_below=True, metrics=metrics)
+    assert rep["modules_quantized"] == 0 and len(rep["modules_kept"]) == 3
+    src = LoRAModel.from_state_dict(dict(sd))
+    err = sig = 0.0
+    for m in q.modules:
+        assert all(t.dtype == torch.float16 for r, t in m.tensors.items() if r != "alpha"), m.name
+        ref, got = src.get(m.name).delta(torch.float64), m.delta(torch.float64)
+        err += float((ref - got).pow(2).sum())
+        sig += float(ref.pow(2).sum())
+        rec = next(p for p in rep["per_module"] if p["name"] == m.name)
+        e = float((ref - got).pow(2).sum())
+        if dtype == torch.float32:   # bf16 → fp16 can be exact for these values: then the SNR is 'inf'
+            assert rec["delta"]["mse"] == pytest.approx(e / ref.numel(), rel=1e-3)
+        assert "kept in fp16" in next(k["reason"] for k in rep["modules_kept"] if k["name"] == m.name)
+    if err > 0:
+        assert rep["delta"]["snr_db"] == pytest.approx(10 * math.log10(sig / err), abs=0.01)
+    else:
+        assert rep["delta"]["snr_db"] == "inf"
+
+
+def test_keep_fp16_leaves_values_beyond_fp16_range_in_their_own_dtype():
+    g = gen(6)
+    t, _ = kind_tensors("lora", g)
+    sd = {"lora_unet_mid_block_attentions_0_proj_in" + k: v for k, v in t.items()}
+    sd["lora_unet_mid_block_attentions_0_proj_in.lora_up.weight"] = t[".lora_up.weight"] * 1e9   # > 65504
+    q, rep = quantize_model(sd, min_snr=300.0, keep_below=True)
+    m = q.modules[0]
+    assert m.tensors["up"].dtype == torch.float32
+    assert "beyond fp16's range" in rep["modules_kept"][0]["reason"]
+    assert rep["delta"]["snr_db"] == "inf"   # kept exactly

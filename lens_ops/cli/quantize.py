@@ -25,7 +25,7 @@ def add_quant_options(p, prefix_help: str = "") -> None:
     p.add_argument("--min-snr", type=float, default=DEFAULT_MIN_SNR,
                    help=f"warn for modules whose ΔW SNR is under this many dB (default {DEFAULT_MIN_SNR:g})")
     p.add_argument("--keep-fp16", action="store_true",
-                   help="keep modules under --min-snr in their original precision (mixed file, still loadable)")
+                   help="keep modules under --min-snr in fp16 instead of int8 (mixed file, still loadable; fp32/bf16 factors are rounded to fp16 and that error is reported)")
     p.add_argument("--metrics", default="auto", choices=("auto", "exact", "sampled"),
                    help="ΔW SNR, MSE and relative error are always exact (from the factors); ΔW MAE and max error "
                         "need the dense ΔW: exact computes it for every module, sampled computes them exactly on a "

@@ -18,7 +18,7 @@ import torch
 from ..errors import LensError
 from ..model import LoRAModel, ensure_model
 from .codec import FORMATS, is_quantized
-from .fold import FOLDABLE, ModuleResult, quantize_module
+from .fold import FOLDABLE, ModuleResult, keep_in_fp16, quantize_module
 from .metrics import SAMPLE_ROWS, Stats
 from .transforms import METHODS
 
@@ -80,7 +80,8 @@ def quantize_model(model, fmt: str = "int8", method: str = DEFAULT_METHOD, min_s
                    progress: Callable[[int, int], None] | None = None,
                    metrics: str = "auto", sink=None) -> tuple[LoRAModel, dict]:
     """Quantize every foldable module. Modules whose ΔW SNR is under `min_snr` dB are reported and, with
-    `keep_below`, kept in their original precision (a mixed file, still loadable).
+    `keep_below`, kept in fp16 (a mixed file, still loadable; fp32/bf16 factors are rounded to fp16 and that
+    rounding's exact ΔW error is reported; a module with values beyond fp16's range keeps its own dtype).
 
     ΔW SNR, MSE and relative Frobenius error are always exact (from the factors). `metrics` sets how ΔW MAE
     and max error are obtained: "exact" (dense ΔW of every module), "sampled" (exactly, on a deterministic
@@ -116,20 +117,21 @@ def quantize_model(model, fmt: str = "int8", method: str = DEFAULT_METHOD, min_s
         if res.quantized and keep_below:
             snr = res.delta.snr_db
             if snr is not None and snr < min_snr:
-                res = ModuleResult(m.name, m.kind.name, m, "kept (below threshold)",
-                                   "+".join(sorted({str(t.dtype).replace("torch.", "") for r, t in m.tensors.items()
+                kept, st, where = keep_in_fp16(m, metrics, device)
+                res = ModuleResult(m.name, m.kind.name, kept, "kept (below threshold)",
+                                   "+".join(sorted({str(t.dtype).replace("torch.", "") for r, t in kept.tensors.items()
                                                     if r != "alpha"})),
                                    res.delta, Stats(), quantized=False,
-                                   note=f"ΔW SNR {snr:.1f} dB < {min_snr:g} dB: kept in original precision",
-                                   alpha=m.alpha)
-                res.delta = Stats(res.delta.signal, 0.0, 0.0, 0.0, res.delta.count)
+                                   note=f"ΔW SNR {snr:.1f} dB < {min_snr:g} dB: {where}", alpha=m.alpha)
+                res.delta = st if st is not None else Stats(res.delta.signal, 0.0, 0.0, 0.0, res.delta.count)
                 res.kept_snr = snr
         if sink is not None:
             res.module = _written(sink, res.module)
         results.append(res)
         if progress is not None:
             progress(i + 1, total)
-    out = model.replace_modules({r.name: r.module for r in results if r.quantized or sink is not None})
+    out = model.replace_modules({r.name: r.module for r in results
+                                 if r.quantized or sink is not None or r.kept_snr is not None})
     settings = {"format": fmt, "method": method, "min_snr_db": min_snr, "keep_below": bool(keep_below)}
     out.metadata = model.with_provenance("quantize", settings)
     report = build_report(model, out, results, fmt, method, min_snr, keep_below, dense, metrics)
@@ -220,8 +222,8 @@ def build_report(src: LoRAModel, out: LoRAModel, results: list[ModuleResult], fm
     if below:
         names = ", ".join(b["name"] for b in below[:5]) + (", …" if len(below) > 5 else "")
         if keep_below:
-            warnings.append(f"{len(below)} module(s) under {min_snr:g} dB ΔW SNR were kept in their original "
-                            f"precision: {names}")
+            warnings.append(f"{len(below)} module(s) under {min_snr:g} dB ΔW SNR were kept in fp16 (not int8): "
+                            f"{names}")
         else:
             warnings.append(f"{len(below)} module(s) under {min_snr:g} dB ΔW SNR: {names}. Use keep_fp16 "
                             "(--keep-fp16) to keep them in fp16 (a mixed file, still loadable).")

@@ -263,13 +263,44 @@ def _lora(m: LoRAModule, fmt: str, method: str, mode: str, device) -> ModuleResu
     new["alpha"] = _alpha_tensor(alpha_new)
     mod = m.with_tensors(new)
     if mode == "exact":
-        w = _dense_dtype(m)
-        dense = dense_stats(m.delta(w, device), mod.delta(w, device))
-        if w == torch.float64:
-            delta = dense
-        else:  # float32 dot products over millions of entries drift (~0.1 %): keep the exact energies
-            delta = Stats(delta.signal, delta.error, dense.abs_sum, dense.max_abs, delta.count)
+        delta = _exact_abs(m, mod, delta, device)
     return ModuleResult(m.name, m.kind.name, mod, chosen, fmt, delta, tstats, alpha=float(new["alpha"]))
+
+
+def _exact_abs(m: LoRAModule, mod: LoRAModule, delta: Stats, device) -> Stats:
+    """`delta` with MAE and max error from the dense ΔW of both modules (float64 where it is small enough)."""
+    w = _dense_dtype(m)
+    dense = dense_stats(m.delta(w, device), mod.delta(w, device))
+    if w == torch.float64:
+        return dense
+    # float32 dot products over millions of entries drift (~0.1 %): keep the exact energies
+    return Stats(delta.signal, delta.error, dense.abs_sum, dense.max_abs, delta.count)
+
+
+FP16_MAX = 65504.0
+
+
+def keep_in_fp16(m: LoRAModule, mode: str, device="cpu") -> tuple[LoRAModule, Stats | None, str]:
+    """The keep-fp16 choice for a module int8 would hurt: (module with its factor tensors in fp16, the exact ΔW
+    stats of that rounding against the original (None when nothing changed), where it went). A module already in
+    fp16 is kept as it is; one with values beyond fp16's range keeps its own dtype (fp16 would make them inf)."""
+    roles = [r for r, t in m.tensors.items() if r not in ("alpha", "dora_scale") and t.is_floating_point()]
+    if all(m.tensors[r].dtype == torch.float16 for r in roles):
+        return m, None, "kept in fp16"
+    if any(t.numel() and float(t.abs().max()) > FP16_MAX for t in (m.tensors[r] for r in roles)):
+        own = "+".join(sorted({DTYPE_NAMES.get(m.tensors[r].dtype, str(m.tensors[r].dtype)) for r in roles}))
+        return m, None, f"kept in {own} (values beyond fp16's range)"
+    mod = m.with_tensors({**m.tensors, **{r: m.tensors[r].to(torch.float16) for r in roles}})
+    if m.kind.name == "lora":
+        b, a, s = m.lowrank(torch.float32, device)
+        bq, aq, _ = mod.lowrank(torch.float32, device)
+        st = _pair_metrics(b, a, bq, aq, None, None, s, "sampled" if mode == "sampled" else "none")
+        if mode == "exact":
+            st = _exact_abs(m, mod, st, device)
+    else:
+        w = _dense_dtype(m)
+        st = dense_stats(m.delta(w, device), mod.delta(w, device))
+    return mod, st, "kept in fp16"
 
 
 # LoHa / LoKr: (b_role, a_role) pairs that may be rebalanced/rotated, given the tensors present.
