@@ -13,7 +13,8 @@ from .common import CATEGORY, LORA, as_socket, lora_names, lora_path, mtime_of, 
 
 FOLDER = "loradb"
 NONE = "(none)"
-OPTIMISE = ["none (lossless)", "prune recipe", "prune + int8", "int8"]
+OPTIMISE = ["none (lossless)", "prune recipe", "prune + int8", "int8", "prune + int8 (folded alpha)",
+            "int8 (folded alpha)"]
 
 
 def _register_folder() -> None:
@@ -132,8 +133,10 @@ class PackLoRADB:
                                                        "PruneRank each LoRA first. int8: every module stored as "
                                                        "quantised coefficient codes (int8/int16, entropy coded), "
                                                        "the error budget water-filled across the whole LoRA; "
-                                                       "extraction gives a standard fp16 LoRA. Lossy entries "
-                                                       "store their measured ΔW error."}),
+                                                       "extraction gives a standard fp16 LoRA. int8 (folded alpha): "
+                                                       "each LoRA stored as QuantizeInt8 writes it (int8 factors, "
+                                                       "scales in alpha) and extracted as exactly that file. Lossy "
+                                                       "entries store their measured ΔW error."}),
                 "recipe": ("STRING", {"default": "energy=0.9997",
                                       "tooltip": "PruneRank recipe used by the prune options (e.g. energy=0.9997, "
                                                  "rank=16, sv_fro=0.99)."}),
@@ -220,9 +223,10 @@ class PackLoRADB:
         if optimisation.startswith("prune") and not str(recipe).strip():
             raise LensError("The prune options need a recipe (e.g. energy=0.9997).")
         int8 = optimisation in ("prune + int8", "int8")
+        folded = optimisation.endswith("(folded alpha)")
         rep = pack(target, items, name=stem, creator=creator, description=description, tags=_split(tags),
                    recipe=use_recipe, int8=int8, shared_basis=shared_basis, snr_db=snr_db,
-                   device=torch_device(), progress=progress(len(items)))
+                   device=torch_device(), progress=progress(len(items)), int8_folded=folded)
         text = format_report(rep)
         return {"ui": {"text": [text]}, "result": ([text], [rep["path"]])}
 

@@ -180,3 +180,43 @@ def test_recipe_that_alone_misses_the_budget_is_refused_clearly(tmp_path):
     got = float(re.search(r"at ([\d.]+) dB", str(err.value)).group(1))
     rep = pack(db, files, recipe="energy=0.9", int8=True, snr_db=math.floor(got - 1))
     assert all(e["error"]["snr_db"] >= math.floor(got - 1) for e in rep["entries"])
+
+
+@pytest.mark.parametrize("recipe", [None, "energy=0.9999"])
+def test_int8_folded_entries_extract_as_quantizeint8_files(tmp_path, recipe):
+    """--int8-folded (issue 7's "int8 with folded alpha from QuantizeInt8"): each entry is the QuantizeInt8 file of the
+    (pruned) LoRA, stored losslessly, so it extracts as int8 factors + folded alpha, tensor for tensor what
+    QuantizeInt8 writes, with its exact ΔW error against the original recorded."""
+    from lens_ops.prune import prune_model
+    from lens_ops.quantize import quantize_model
+    files = _variants(tmp_path, n=2, modules=3)
+    db = str(tmp_path / "f.loradb")
+    rep = pack(db, files, recipe=recipe, int8_folded=True)
+    for e in rep["entries"]:
+        assert "int8 (folded alpha)" in e["layers"] and ("prune" in e["layers"]) == bool(recipe)
+    with open_collection(db) as c:
+        for e, f in zip(c.entries, files):
+            got = c.extract_model(e).state_dict()
+            src = LoRAModel.load(f)
+            want = quantize_model(prune_model(src, recipe, "cpu", None)[0] if recipe else src)[0].state_dict()
+            assert set(got) == set(want)
+            for k, v in want.items():
+                assert got[k].dtype == v.dtype and torch.equal(got[k], v), k
+            assert any(v.dtype == torch.int8 for v in got.values())
+    assert [s for _, s in _check_recorded_errors(db, files)]   # recorded error = dense float64 error
+
+
+def test_int8_folded_is_not_combined_with_the_coder_and_skips_what_it_cannot_fold(tmp_path):
+    files = _variants(tmp_path, n=2, modules=2)
+    with pytest.raises(Exception, match="cannot be combined"):
+        pack(str(tmp_path / "x.loradb"), files, int8_folded=True, int8=True)
+    with pytest.raises(Exception, match="cannot be combined"):
+        pack(str(tmp_path / "y.loradb"), files, int8_folded=True, shared_basis="auto")
+    # a file whose loader reads no alpha cannot carry folded scales: stored as it is, and the entry says why
+    g = torch.Generator().manual_seed(3)
+    sd = {"unet:0:up": torch.randn(320, 4, generator=g) * 0.01, "unet:0:down": torch.randn(4, 320, generator=g) * 0.01}
+    p = str(tmp_path / "clone.safetensors")
+    save_file(sd, p, {})
+    rep = pack(str(tmp_path / "z.loradb"), [files[0], p], int8_folded=True)
+    skipped = [l for e in rep["entries"] for l in e["layers"] if l.startswith("int8 skipped")]
+    assert len(skipped) == 1 and "alpha" in skipped[0]

@@ -48,3 +48,20 @@ def test_pack_and_extract_nodes(comfy_env):
     out2 = p.pack(name=["Chars"], creator=[""], description=[""], tags=[""], optimisation=["none (lossless)"],
                   recipe=[""], shared_basis=["off"], snr_db=[35.0], overwrite=[False], loras=[a])
     assert out2["result"][1][0].endswith("Chars_2.loradb")
+
+
+def test_pack_node_int8_folded_alpha_extracts_quantizeint8_files(comfy_env):
+    """The node's "int8 (folded alpha)" optimisation: entries come back as QuantizeInt8's int8 LoRA (scales in
+    alpha), the same tensors `quantize_model` writes."""
+    from lens_ops.quantize import quantize_model
+    pack_mod, paths = comfy_env
+    nodes = pack_mod.NODE_CLASS_MAPPINGS
+    a = make_lora("sdxl_kohya", rank=4, seed=5, max_modules=4)
+    out = nodes["PackLoRADB"]().pack(name=["Q"], creator=[""], description=[""], tags=[""],
+                                     optimisation=["int8 (folded alpha)"], recipe=[""], shared_basis=["off"],
+                                     snr_db=[35.0], overwrite=[False], loras=[a], lora_names=["hero"])
+    assert "int8 (folded alpha)" in out["ui"]["text"][0]
+    loras, names, _ = nodes["ExtractLoRADB"]().extract("Q.loradb", "hero", write_to_loras=False)["result"]
+    want = quantize_model(a)[0].state_dict()
+    assert set(loras[0]) == set(want) and all(torch.equal(loras[0][k], v) for k, v in want.items())
+    assert any(v.dtype == torch.int8 for v in loras[0].values())

@@ -19,7 +19,12 @@ def add_arguments(p):
     p.add_argument("--description", default="", help="collection description")
     p.add_argument("--tag", action="append", default=[], help="a tag (repeat for more)")
     p.add_argument("--recipe", default=None, metavar="R", help="prune every LoRA with this PruneRank recipe first (lossy)")
-    p.add_argument("--int8", action="store_true", help="store int8 factors with alpha folded in (lossy)")
+    p.add_argument("--int8", action="store_true",
+                   help="store every module as int8 quantised-coefficient codes, entropy coded at the --snr budget "
+                        "(lossy; the smallest; entries extract as fp16 LoRAs equal to what was recorded)")
+    p.add_argument("--int8-folded", action="store_true",
+                   help="store each LoRA as QuantizeInt8 writes it: int8 factors with their scales folded into "
+                        "alpha (lossy; entries extract as exactly those int8 files, which stock ComfyUI loads)")
     p.add_argument("--shared-basis", choices=["auto", "on", "off"], default="off",
                    help="code related LoRAs on one shared basis per module (lossy; auto: only where it saves "
                         "bytes at the error budget)")
@@ -65,7 +70,7 @@ def run(args) -> int:
     if args.remove:
         rep = remove(args.output, args.files)
     elif args.append:
-        if args.recipe or args.int8 or args.shared_basis != "off":
+        if args.recipe or args.int8 or args.int8_folded or args.shared_basis != "off":
             raise LensError("--append adds entries losslessly; lossy options need a new collection.")
         rep = append(args.output, args.files, level=level, progress=Bar("append"))
     else:
@@ -74,7 +79,7 @@ def run(args) -> int:
         rep = pack(args.output, args.files, name=args.name, creator=args.creator, description=args.description,
                    tags=args.tag, recipe=args.recipe, int8=args.int8, shared_basis=args.shared_basis,
                    dedup=not args.no_dedup, level=level, snr_db=args.snr, device=args.device,
-                   progress=Bar("pack"))
+                   progress=Bar("pack"), int8_folded=args.int8_folded)
     print(json.dumps(rep, indent=2) if args.json else format_report(rep))
     return 0
 

@@ -262,8 +262,10 @@ def _sources(items) -> list[Source]:
 def pack(out_path: str, items: Iterable, name: str = "", creator: str = "", description: str = "",
          tags: Iterable[str] = (), recipe: str | None = None, int8: bool = False, shared_basis: str = "off",
          dedup: bool = True, level: int = DEFAULT_LEVEL, snr_db: float = 35.0, device="cpu",
-         progress: Progress = None) -> dict:
-    """Write a new .loradb (temp file + rename). Lossless unless recipe/int8/shared_basis ask otherwise.
+         progress: Progress = None, int8_folded: bool = False) -> dict:
+    """Write a new .loradb (temp file + rename). Lossless unless recipe/int8/int8_folded/shared_basis ask otherwise.
+    int8: the quantised-coefficient coder (smallest; entries extract as fp16 at the SNR budget); int8_folded: each
+    entry stored as QuantizeInt8's file (int8 factors, scales folded into alpha; extracts as exactly that file).
 
     `items`: paths of .safetensors files, or (name, LoRAModel | LORA_MODEL dict) pairs.
     Returns a report (see report_of)."""
@@ -272,6 +274,9 @@ def pack(out_path: str, items: Iterable, name: str = "", creator: str = "", desc
         raise LensError("Nothing to pack: give at least one LoRA.")
     if shared_basis not in ("off", "on", "auto"):
         raise LensError(f"shared basis must be off, on or auto, not {shared_basis!r}.")
+    if int8_folded and (int8 or shared_basis != "off"):
+        raise LensError("int8 with folded alpha (QuantizeInt8 files) cannot be combined with the coded int8 or the "
+                        "shared basis: choose one.")
     srcs = [s for s in _sources(items)]
     for s in srcs:
         if os.path.exists(out_path) and os.path.samefile(s.path, out_path):
@@ -280,13 +285,13 @@ def pack(out_path: str, items: Iterable, name: str = "", creator: str = "", desc
     writer = Writer(out_path, level=level)
     lossy = None
     try:
-        if recipe or int8 or shared_basis != "off":
+        if recipe or int8 or int8_folded or shared_basis != "off":
             from .lossy import prepare_coded, prepare_pruned
             if int8 or shared_basis != "off":
                 lossy = prepare_coded(srcs, writer, recipe=recipe, int8=int8, shared_basis=shared_basis,
                                       snr_db=snr_db, level=level, device=device, progress=progress)
             else:
-                lossy = prepare_pruned(srcs, recipe, snr_db=snr_db, device=device)
+                lossy = prepare_pruned(srcs, recipe, snr_db=snr_db, device=device, fold_int8=int8_folded)
         _write_entries(writer, header, srcs, DedupIndex() if dedup else None, level,
                        lossy.outputs if lossy else None, progress)
         if lossy:

@@ -94,20 +94,30 @@ def _prune_model_fn():
     return prune_model
 
 
-def prepare_pruned(srcs, recipe: str, snr_db=35.0, device="cpu") -> LossyPack:
-    """The PruneRank recipe alone: each LoRA pruned, saved, its exact ΔW error measured."""
-    prune_model = _prune_model_fn()
+def prepare_pruned(srcs, recipe: str | None, snr_db=35.0, device="cpu", fold_int8: bool = False) -> LossyPack:
+    """Each LoRA optimised as a file, then stored losslessly: the PruneRank recipe (when given) and, with
+    `fold_int8`, QuantizeInt8's int8 with its scales folded into alpha (so the entry extracts as exactly that int8
+    file, which stock ComfyUI loads). Its exact ΔW error against the original is measured and recorded."""
+    prune_model = _prune_model_fn() if recipe else None
     out = LossyPack()
     try:
-        settings = {"recipe": recipe}
+        settings = {"recipe": recipe} if recipe else {}
+        if fold_int8:
+            from ..quantize import DEFAULT_METHOD
+            settings["int8"] = f"QuantizeInt8 ({DEFAULT_METHOD}, scales folded into alpha)"
         for i, src in enumerate(srcs):
             orig = src.model()
-            final, _rep = prune_model(orig, recipe, device, None)
+            final, layers = orig, []
+            if recipe:
+                final, _rep = prune_model(orig, recipe, device, None)
+                layers.append("prune")
+            if fold_int8:
+                final, layers = _fold_int8(final, layers, device)
             meta = final.with_provenance("loradb_pack", {**settings, "source": src.file_name})
             path = os.path.join(out.tmpdir, f"{i}.safetensors")
             save_file(final.state_dict(), path, meta)
             err = error_of(orig, LoRAModel.load(path), device)
-            out.outputs[i] = {"path": path, "layers": ["prune"], "error": err, "settings": settings,
+            out.outputs[i] = {"path": path, "layers": layers, "error": err, "settings": settings,
                               "computed": {}, "shared_modules": 0, "extra_bytes": 0}
         out.summary = {"settings": settings, "shared_basis_modules": 0, "shared_basis_bytes": 0,
                        "snr_budget_db": snr_db}
@@ -115,6 +125,18 @@ def prepare_pruned(srcs, recipe: str, snr_db=35.0, device="cpu") -> LossyPack:
     except BaseException:
         out.cleanup()
         raise
+
+
+def _fold_int8(model: LoRAModel, layers: list, device):
+    """QuantizeInt8 on one entry; a LoRA it cannot quantize (no alpha to carry the scales, nothing foldable) is
+    stored as it is, and its layers say why."""
+    from ..quantize import quantize_model
+    try:
+        q, _rep = quantize_model(model, device=device)
+    except LensError as e:
+        why = str(e).split(";")[0].replace(", so nothing is written", "").rstrip(".")
+        return model, layers + [f"int8 skipped ({why})"]
+    return q, layers + ["int8 (folded alpha)"]
 
 
 # ------------------------------------------------------------------ quantised-coefficient coding (qcoef.py)
