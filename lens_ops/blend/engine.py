@@ -323,15 +323,26 @@ def _with_bias(out, bias, style, target):
     return out
 
 
+def _own_name(mod) -> str:
+    """The stored module a user can exclude: a row view names the (DoRA / non-linear) module it is cut from or
+    assembled of, not the view (excluding a slice's name left the fused module's other slices)."""
+    if isinstance(mod, RowSlice):
+        return mod.module.name
+    if isinstance(mod, RowStack):
+        odd = [m for _, m in mod.parts if m.is_dora or not _linear(m)]
+        return (odd or [mod.parts[0][1]])[0].name
+    return mod.name
+
+
 def _blend_module(key, target, contrib, method, rank, device, dtype, style, density, seed, errors, stats):
     """One output module from [(module, coefficient)]; named and typed like `target` (the first LoRA's)."""
     for mod, _ in contrib:
         if mod.is_dora:
-            raise LensError(f"Module {mod.name} is DoRA: its change depends on the base weight's norm, so no blend "
-                            "equals stacking; exclude it (its name works as an exclude item).")
+            raise LensError(f"Module {_own_name(mod)} is DoRA: its change depends on the base weight's norm, so no "
+                            "blend equals stacking; exclude it (its name works as an exclude item).")
         if not _linear(mod):
-            raise LensError(f"Module {mod.name} ({mod.kind.label}) has no stand-alone ΔW, so it cannot be blended; "
-                            "exclude it.")
+            raise LensError(f"Module {_own_name(mod)} ({mod.kind.label}) has no stand-alone ΔW, so it cannot be "
+                            "blended; exclude it.")
     bias = _bias(contrib, dtype)
     weighted = [(mod, c) for mod, c in contrib if mod.kind.name != "diff" or "diff" in mod.tensors]
     if not weighted:   # bias changes only (`.diff_b` without a weight change): their weighted sum

@@ -174,7 +174,7 @@ def layer_units(models, labels, for_output: bool) -> list[Unit]:
         if s0["full"] is not None or s0["parts"]:
             fused = s0["full"] is not None
         elif for_output and vocab0 is not None and layer.startswith("diffusion:"):
-            fused = vocab0 or not (split_any or _fused_layer(layer, slots, arch))
+            fused = vocab0 or not (split_any or _fused_layer(layer, slots, arch)) or _whole_only(slots)
         else:
             fused = slots[present[0]]["full"] is not None
         if fused:
@@ -209,6 +209,14 @@ def layer_units(models, labels, for_output: bool) -> list[Unit]:
                 unit.stub = (name_like(ex, dname), comp, tuple(shape)) if ex else None
             units.append(unit)
     return units
+
+
+def _whole_only(slots) -> bool:
+    """Only whole modules hold this layer and one of them cannot be cut into row pieces (DoRA's magnitude belongs to
+    the whole weight; OFT/GLoRA/set need the base weight): the layer stays whole, carried under its own name."""
+    return not any(s["parts"] for s in slots) and any(
+        m.is_dora or m.kind.needs_base_weight or m.kind.name == "set" for s in slots for m in [s["full"]]
+        if m is not None)
 
 
 def _fused_layer(layer, slots, arch) -> bool:

@@ -151,3 +151,22 @@ def test_text_encoder_modules_mixed_with_the_transformer_apply_like_stacking(com
     applied, unread = _apply(comfy, [out.state_dict()], [1.0], key_map, base)
     assert unread == [[]], unread
     assert _compare(stacked, applied, base, 1e-5) == 5   # 3 text-encoder weights, qkv, fc2
+
+
+@pytest.mark.parametrize("first", ["mmdit", "diffusers"])
+def test_dora_fused_layer_only_one_file_has_is_carried_whole(comfy_inproc, first):
+    """A kohya DoRA context qkv that the diffusers file does not touch: carried whole under its kohya name in either
+    order (a diffusers-first blend cut it into add_q/k/v pieces and refused); ComfyUI applies blend = stacked."""
+    comfy = comfy_inproc.comfy
+    base, key_map = _setup(comfy, "sd3m", (0,), seed=9)
+    k = mmdit_lora("sd3m", (0,), layers={"context_block.attn.qkv"}, seed=81, kind="dora")
+    k.update(mmdit_lora("sd3m", (0,), layers={"x_block.attn.qkv"}, seed=82))
+    d = diffusers_lora("sd3m", (0,), parts={"attn.to_q", "attn.to_v"}, convention="flash", seed=83)
+    loras = [k, d] if first == "mmdit" else [d, k]
+    w = [1.0, 0.6] if first == "mmdit" else [0.6, 1.0]
+    stacked, unread = _apply(comfy, loras, w, key_map, base)
+    out, rep = blend([model_of(x) for x in loras], w, "concat")
+    assert "lora_unet_joint_blocks_0_context_block_attn_qkv" in {m.name for m in out.modules}
+    applied, unread = _apply(comfy, [out.state_dict()], [1.0], key_map, base)
+    assert unread == [[]], unread
+    assert _compare(stacked, applied, base, 1e-5) == 2
