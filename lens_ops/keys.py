@@ -96,10 +96,10 @@ def convention_of(keys: list[str], kinds: set[str]) -> str:
     lyco = kinds & {"loha", "lokr", "glora", "oft", "boft"}
     lyco_txt = "LyCORIS " + "/".join(sorted(k.upper() if k in ("oft", "boft") else
                                              {"loha": "LoHa", "lokr": "LoKr", "glora": "GLoRA"}[k] for k in lyco))
+    if any(k.startswith("lora_transformer_") for k in ks):   # OneTrainer names its text encoders lora_te1_/te2_ too
+        return "OneTrainer"
     if any(k.startswith(("lora_unet_", "lora_te")) for k in ks):
         return (lyco_txt + " (kohya names)") if lyco else "kohya sd-scripts"
-    if any(k.startswith("lora_transformer_") for k in ks):
-        return "OneTrainer"
     if any(k.startswith("lycoris_") for k in ks):
         return "SimpleTuner LyCORIS"
     if any(".processor." in k and re.search(r"_lora\d?\.(up|down)\.weight$", k)

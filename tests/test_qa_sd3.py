@@ -560,3 +560,28 @@ def test_dora_on_a_fused_layer_is_named_once_and_excluding_that_name_blends(firs
     assert ctx is not None and ctx.is_dora
     ref = sum(to_mmdit(x, "sd3m", (0,))["joint_blocks.0.x_block.attn.proj"] for x in loras)
     assert rel(got["joint_blocks.0.x_block.attn.proj"], ref) < 1e-6
+
+
+# ---------------------------------------------------------------- bug: SD3.5 large against SD3 medium crashed in blend
+
+@pytest.mark.parametrize("order", ["dk", "kd"])
+def test_sd35_large_against_sd3_medium_is_refused_in_one_sentence(tmp_path, order):
+    """Both read as SD3, but a 2432-wide SD3.5 large to_q cannot meet the q rows of a 1536-wide SD3 medium qkv:
+    ConflictScan said so, BlendLoRAs crashed with a torch size error (row views escaped the shape check)."""
+    d = diffusers_lora("sd35l", (0,), parts={"attn.to_q", "attn.to_k"})
+    k = mmdit_lora("sd3m", (0,), layers={"x_block.attn.qkv"})
+    save_file(d, str(tmp_path / "d.safetensors"))
+    save_file(k, str(tmp_path / "k.safetensors"))
+    a, b = (tmp_path / f"{order[0]}.safetensors", tmp_path / f"{order[1]}.safetensors")
+    for argv in (("conflict", a, b), ("blend", a, b, "-o", tmp_path / "out.safetensors")):
+        code, out, err = run_cli(*argv)
+        assert code == 2 and "trained for different base models" in err and "Traceback" not in err
+        assert len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_onetrainer_file_with_text_encoders_is_named_onetrainer():
+    """OneTrainer writes `lora_transformer_…` for the transformer and `lora_te1_/lora_te2_/lora_te3_` for the text
+    encoders; with text encoders the file was reported as 'kohya sd-scripts'."""
+    assert model_of(diffusers_lora("sd3m", (0,), parts={"attn.to_q"}, convention="onetrainer",
+                                   te=True)).convention == "OneTrainer"

@@ -265,7 +265,8 @@ def _tick(progress, step, total):
 def _require_same_shape(present, labels) -> None:
     """Members of one layer must change weights of one shape (as matrices: ComfyUI reshapes ΔW to the weight),
     else the LoRAs were made for different base models (as ConflictScan says) and no blend is meaningful."""
-    known = [(i, mod, _matrix_shape(mod)) for i, mod in present if not isinstance(mod, (RowSlice, RowStack))]
+    # row views too: an SD3.5 large (2432 wide) to_q meets the q rows of an SD3 medium (1536) qkv by name alone
+    known = [(i, mod, _matrix_shape(mod)) for i, mod in present]
     known = [(i, mod, s) for i, mod, s in known if s is not None]
     for i, mod, s in known[1:]:
         j, ref, s0 = known[0]
