@@ -170,3 +170,22 @@ def test_dora_fused_layer_only_one_file_has_is_carried_whole(comfy_inproc, first
     applied, unread = _apply(comfy, [out.state_dict()], [1.0], key_map, base)
     assert unread == [[]], unread
     assert _compare(stacked, applied, base, 1e-5) == 2
+
+
+@pytest.mark.parametrize("first", ["mmdit", "diffusers"])
+def test_simpletuner_lokr_parts_against_a_fused_lora_apply_like_stacking(comfy_inproc, first):
+    """SimpleTuner LyCORIS LoKr on split to_q/to_k/add_v_proj (`lycoris_…lokr_w1/lokr_w2_a/b`) against a kohya LoRA
+    on the fused qkv layers (a LoKr inside a row stack / against row slices): ComfyUI applies blend = stacked."""
+    comfy = comfy_inproc.comfy
+    base, key_map = _setup(comfy, "sd35m", (0,), seed=11)
+    k = mmdit_lora("sd35m", (0,), layers={"x_block.attn.qkv", "context_block.attn.qkv", "x_block.attn2.qkv"}, seed=91)
+    d = diffusers_lora("sd35m", (0,), parts={"attn.to_q", "attn.to_k", "attn.add_v_proj", "attn2.to_v"},
+                       convention="simpletuner", seed=92, kind="lokr")
+    loras = [k, d] if first == "mmdit" else [d, k]
+    w = [0.9, -1.1]
+    stacked, unread = _apply(comfy, loras, w, key_map, base)
+    assert unread == [[], []]
+    out, rep = blend([model_of(x) for x in loras], w, "concat")
+    applied, unread = _apply(comfy, [out.state_dict()], [1.0], key_map, base)
+    assert unread == [[]], unread
+    assert _compare(stacked, applied, base, 1e-5) == 3
