@@ -189,3 +189,30 @@ def test_simpletuner_lokr_parts_against_a_fused_lora_apply_like_stacking(comfy_i
     applied, unread = _apply(comfy, [out.state_dict()], [1.0], key_map, base)
     assert unread == [[]], unread
     assert _compare(stacked, applied, base, 1e-5) == 3
+
+
+@pytest.mark.parametrize("order", ["kdo", "dok", "okd"])
+def test_three_files_in_three_conventions_apply_like_stacking(comfy_inproc, order):
+    """kohya MMDiT, diffusers `transformer.` and OneTrainer files covering different parts of the same layers (qkv
+    vs to_q vs to_k/to_v, both swapped modulations, x_embedder vs pos_embed): one blend, any order, reads in ComfyUI
+    exactly like the three stacked."""
+    comfy = comfy_inproc.comfy
+    model, blocks = "sd3m", (0, 23)
+    base, key_map = _setup(comfy, model, blocks, seed=13)
+    files = {"k": mmdit_lora(model, blocks, basic=True, seed=1, layers={
+                 "x_block.attn.qkv", "context_block.attn.qkv", "context_block.adaLN_modulation.1",
+                 "final_layer.adaLN_modulation.1", "x_embedder.proj"}),
+             "d": diffusers_lora(model, blocks, convention="transformer", basic=True, seed=2, parts={
+                 "attn.to_q", "attn.add_k_proj", "norm1_context.linear", "norm_out.linear"}),
+             "o": diffusers_lora(model, blocks, convention="onetrainer", basic=True, seed=3, parts={
+                 "attn.to_v", "attn.to_k", "pos_embed.proj", "norm1_context.linear"})}
+    loras = [files[c] for c in order]
+    w = [0.5, -0.7, 1.1]
+    stacked, unread = _apply(comfy, loras, w, key_map, base)
+    assert unread == [[], [], []]
+    out, rep = blend([model_of(x) for x in loras], w, "concat")
+    assert not rep["warnings"]
+    applied, unread = _apply(comfy, [out.state_dict()], [1.0], key_map, base)
+    assert unread == [[]], unread
+    # x qkv, context qkv and context modulation of both blocks, x_embedder, the final modulation
+    assert _compare(stacked, applied, base, 1e-5) == 8
