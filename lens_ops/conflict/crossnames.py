@@ -188,15 +188,15 @@ CANONICAL_SCHEME = {"flux1": "bfl", "sd3": "mmdit"}
 
 def basic_scheme(path: str, arch: str) -> str | None:
     """The vocabulary ('bfl'/'mmdit' or 'diffusers-dit') a DiT layer outside the blocks is named in, by its flat path,
-    when its name differs between the vocabularies (`context_embedder` does not), else None; every DiT vocabulary is
-    tried when `arch` is not one."""
-    for a in ([arch] if arch in DIT else list(DIT)):
-        pairs = list(DIT[a].basic.items()) + list(SWAPPED_BASIC.items())
-        dif, canon = {_flat(d) for d, c in pairs if d != c}, {_flat(c) for d, c in pairs if d != c}
-        if path in dif:
-            return "diffusers-dit"
-        if path in canon:
-            return CANONICAL_SCHEME[a]
+    when its name differs between the vocabularies (`context_embedder` does not), else None (also for other models:
+    Qwen-Image's own `img_in`/`proj_out` are no FLUX names)."""
+    if arch not in DIT:
+        return None
+    pairs = list(DIT[arch].basic.items()) + list(SWAPPED_BASIC.items())
+    if path in {_flat(d) for d, c in pairs if d != c}:
+        return "diffusers-dit"
+    if path in {_flat(c) for d, c in pairs if d != c}:
+        return CANONICAL_SCHEME[arch]
     return None
 
 
