@@ -585,3 +585,28 @@ def test_onetrainer_file_with_text_encoders_is_named_onetrainer():
     encoders; with text encoders the file was reported as 'kohya sd-scripts'."""
     assert model_of(diffusers_lora("sd3m", (0,), parts={"attn.to_q"}, convention="onetrainer",
                                    te=True)).convention == "OneTrainer"
+
+
+@pytest.mark.parametrize("first", ["mmdit", "diffusers"])
+@pytest.mark.parametrize("how", ["include_other_vocab", "exclude_regex_other_vocab"])
+def test_filters_take_names_from_either_vocabulary(first, how):
+    """--include with the other file's name of a layer keeps that layer (whole fused qkv or its pieces), and an
+    exclude regex written in the other vocabulary drops the layer in both files."""
+    k = mmdit_lora("sd3m", (0,), layers={"x_block.attn.qkv", "context_block.attn.qkv", "x_block.attn.proj"}, seed=71)
+    d = diffusers_lora("sd3m", (0,), parts={"attn.to_q", "attn.add_q_proj", "attn.to_out.0"}, convention="flash",
+                       seed=72)
+    loras = [k, d] if first == "mmdit" else [d, k]
+    if how == "include_other_vocab":
+        item = ("base_model.model.transformer_blocks.0.attn.to_q" if first == "mmdit"
+                else "lora_unet_joint_blocks_0_x_block_attn_qkv")
+        out, rep = blend([model_of(x) for x in loras], [1.0, 1.0], "concat", include=item)
+        kept = {"joint_blocks.0.x_block.attn.qkv"}
+    else:
+        item = r"attn\.add_q_proj" if first == "mmdit" else r"context_block_attn_qkv"
+        out, rep = blend([model_of(x) for x in loras], [1.0, 1.0], "concat", exclude=item)
+        kept = {"joint_blocks.0.x_block.attn.qkv", "joint_blocks.0.x_block.attn.proj"}
+    got = to_mmdit(out.state_dict(), "sd3m", (0,))
+    refs = [to_mmdit(x, "sd3m", (0,)) for x in loras]
+    assert set(got) == kept
+    for key in kept:
+        assert rel(got[key], sum(r[key] for r in refs if key in r)) < 1e-6
