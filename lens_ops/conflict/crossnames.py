@@ -28,6 +28,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import NamedTuple
 
 import torch
 
@@ -204,10 +205,19 @@ def _block_rx(words) -> re.Pattern:
     return re.compile(r"^(" + "|".join(sorted(words, key=len, reverse=True)) + r")_(\d+)_(.+)$")
 
 
+class DitTables(NamedTuple):
+    """One DiT's lookup tables, all keyed by flat paths."""
+    dif: dict          # diffusers block word -> {diffusers part: (canonical layer, first row, stop row)}
+    canon: dict        # canonical block word -> {canonical layer: (dotted layer, [(lo, hi, diffusers part)])}
+    basic: dict        # diffusers path -> canonical path (whole layers outside the blocks)
+    basic_rev: dict    # canonical path -> (canonical dotted, diffusers dotted)
+    dif_rx: re.Pattern     # `<diffusers block word>_<N>_<part>`
+    canon_rx: re.Pattern   # `<canonical block word>_<N>_<layer>`
+    to_dif: dict       # canonical block word -> diffusers block word
+
+
 @lru_cache(maxsize=None)
-def _dit_tables(arch: str):
-    """(diffusers parts by block word, canonical layers by block word, basic map, its reverse, the diffusers and
-    canonical block-name patterns, diffusers block word by canonical one) of one DiT, all keyed by flat paths."""
+def _dit_tables(arch: str) -> DitTables:
     v = DIT[arch]
     dif, canon, to_dif = {}, {}, {}
     for dword, cword, table in v.blocks:
@@ -218,7 +228,7 @@ def _dit_tables(arch: str):
             layers.setdefault(_flat(layer), (layer, []))[1].append((lo, hi, part))
     basic = {_flat(k): val for k, val in v.basic.items()}
     basic_rev = {_flat(val): (val, k) for k, val in v.basic.items()}
-    return (dif, canon, basic, basic_rev, _block_rx(dif), _block_rx(canon), to_dif)
+    return DitTables(dif, canon, basic, basic_rev, _block_rx(dif), _block_rx(canon), to_dif)
 
 
 def _swapped(arch: str, part: str, shape) -> bool:
@@ -250,8 +260,9 @@ def piece_of(family: str, path: str, arch: str, shape) -> Piece:
         to_sgm, _ = _unet_tables(arch)
         sgm = to_sgm.get(path)
         return Piece(f"diffusion:{_flat(sgm)}" if sgm else f"diffusion:{path}")
-    dif, _, basic, _, dif_rx, _, _ = _dit_tables(arch)
-    m = dif_rx.match(path)
+    t = _dit_tables(arch)
+    dif, basic = t.dif, t.basic
+    m = t.dif_rx.match(path)
     if m:
         entry = dif[m.group(1)].get(m.group(3))
         if entry is None or _swapped(arch, m.group(3), shape):
@@ -276,10 +287,10 @@ def _canonical_layer(path: str, arch: str | None):
     for a in ([arch] if arch else list(DIT)):
         if a not in DIT:
             continue
-        _, canon, _, _, _, canon_rx, _ = _dit_tables(a)
-        m = canon_rx.match(path)
-        if m and m.group(3) in canon[m.group(1)]:
-            return a, m.group(1), m.group(2), canon[m.group(1)][m.group(3)]
+        t = _dit_tables(a)
+        m = t.canon_rx.match(path)
+        if m and m.group(3) in t.canon[m.group(1)]:
+            return a, m.group(1), m.group(2), t.canon[m.group(1)][m.group(3)]
     return None
 
 
@@ -294,7 +305,7 @@ def segments(layer: str, total: int, arch: str | None = None) -> list[tuple[tupl
     if units is None:
         return None
     h = total // units
-    src = _dit_tables(a)[6][word]
+    src = _dit_tables(a).to_dif[word]
     return sorted(((lo * h, hi * h), f"{src}.{num}.{part}") for lo, hi, part in parts)
 
 
@@ -307,7 +318,7 @@ def dotted_name(layer: str, arch: str, fused_vocab: bool, shape=None) -> str | N
         return None if hit is None else (hit[0] if fused_vocab else hit[1])
     if arch not in DIT:
         return None
-    basic_rev = _dit_tables(arch)[3]
+    basic_rev = _dit_tables(arch).basic_rev
     if path in basic_rev:
         return basic_rev[path][0] if fused_vocab else basic_rev[path][1]
     hit = _canonical_layer(path, arch)
@@ -321,7 +332,7 @@ def dotted_name(layer: str, arch: str, fused_vocab: bool, shape=None) -> str | N
         return f"{word}.{num}.{name}"
     if name in DIT[arch].fused:
         return None  # split in diffusers: see segments()
-    return f"{_dit_tables(arch)[6][word]}.{num}.{parts[0][2]}"
+    return f"{_dit_tables(arch).to_dif[word]}.{num}.{parts[0][2]}"
 
 
 def name_like(example: str, dotted: str) -> str:
