@@ -222,8 +222,8 @@ def build_report(src: LoRAModel, out: LoRAModel, results: list[ModuleResult], fm
     if below:
         names = ", ".join(b["name"] for b in below[:5]) + (", …" if len(below) > 5 else "")
         if keep_below:
-            warnings.append(f"{len(below)} module(s) under {min_snr:g} dB ΔW SNR were kept in fp16 (not int8): "
-                            f"{names}")
+            warnings.append(f"{len(below)} module(s) under {min_snr:g} dB ΔW SNR were kept in fp16 instead of "
+                            f"{FMT_LABEL[fmt]}: {names}")
         else:
             warnings.append(f"{len(below)} module(s) under {min_snr:g} dB ΔW SNR: {names}. Use keep_fp16 "
                             "(--keep-fp16) to keep them in fp16 (a mixed file, still loadable).")
