@@ -67,6 +67,21 @@ def _load(path):
 
 
 # ------------------------------------------------------------------------------------------ issue 5
+def _apply_vs_core(server, ckpt, graph: dict, lora_socket: list, lora_file: str, prefix: str):
+    """Three images from one seed: ApplyLoRA on `lora_socket` (a LORA_MODEL output in `graph`), core's LoraLoader
+    on `lora_file` in the loras folder, and no LoRA; returns (apply entry, apply, core, none) images."""
+    apply_nodes = dict(graph, **{"90": {"class_type": "ApplyLoRA", "inputs": {
+        "model": ["1", 0], "clip": ["1", 1], "lora": lora_socket, "strength_model": 6.0, "strength_clip": 6.0}}})
+    e1 = server.run(sample_prompt(ckpt, apply_nodes, ["90", 0], ["90", 1], prefix=f"{prefix}/apply"))
+    assert e1["status"]["status_str"] == "success", errors_of(e1)
+    core = {"91": {"class_type": "LoraLoader", "inputs": {"model": ["1", 0], "clip": ["1", 1], "lora_name": lora_file,
+                                                          "strength_model": 6.0, "strength_clip": 6.0}}}
+    e2 = server.run(sample_prompt(ckpt, core, ["91", 0], ["91", 1], prefix=f"{prefix}/core"))
+    assert e2["status"]["status_str"] == "success", errors_of(e2)
+    e0 = server.run(sample_prompt(ckpt, {}, ["1", 0], ["1", 1], prefix=f"{prefix}/none"))
+    return e1, saved_image(server, e1), saved_image(server, e2), saved_image(server, e0)
+
+
 def test_quantize_node_every_kind_int8_keep_fp16_and_fp8_load_exactly_in_core(comfy_server, comfy_inproc):
     src = os.path.join(comfy_server.loras, "audit57_kinds.safetensors")
     sd = _kinds_file(src, torch.bfloat16)
@@ -153,20 +168,9 @@ def test_apply_lora_on_an_extracted_entry_equals_core_loraloader_on_the_original
             assert set(a.keys()) == set(b.keys()) and all(torch.equal(a.get_tensor(k), b.get_tensor(k))
                                                           for k in b.keys())
     # extract one in the graph and apply it (ApplyLoRA) vs core LoraLoader on the original file
-    apply_nodes = {"20": {"class_type": "ExtractLoRADB", "inputs": {"loradb": "audit57.loradb", "entries": "locon",
-                                                                    "write_to_loras": False}},
-                   "21": {"class_type": "ApplyLoRA", "inputs": {"model": ["1", 0], "clip": ["1", 1],
-                                                                "lora": ["20", 0], "strength_model": 6.0,
-                                                                "strength_clip": 6.0}}}
-    e1 = comfy_server.run(sample_prompt(ckpt, apply_nodes, ["21", 0], ["21", 1], prefix="a57img/apply"))
-    assert e1["status"]["status_str"] == "success", errors_of(e1)
-    core = {"22": {"class_type": "LoraLoader", "inputs": {"model": ["1", 0], "clip": ["1", 1],
-                                                          "lora_name": "a57_locon.safetensors",
-                                                          "strength_model": 6.0, "strength_clip": 6.0}}}
-    e2 = comfy_server.run(sample_prompt(ckpt, core, ["22", 0], ["22", 1], prefix="a57img/core"))
-    assert e2["status"]["status_str"] == "success", errors_of(e2)
-    e0 = comfy_server.run(sample_prompt(ckpt, {}, ["1", 0], ["1", 1], prefix="a57img/none"))
-    a, b, base = saved_image(comfy_server, e1), saved_image(comfy_server, e2), saved_image(comfy_server, e0)
+    extract = {"20": {"class_type": "ExtractLoRADB", "inputs": {"loradb": "audit57.loradb", "entries": "locon",
+                                                                "write_to_loras": False}}}
+    e1, a, b, base = _apply_vs_core(comfy_server, ckpt, extract, ["20", 0], "a57_locon.safetensors", "a57img")
     assert abs(a - base).max() > 0, "the extracted LoRA changed nothing"
     assert abs(a - b).max() <= 1, "ApplyLoRA on the extracted entry and LoraLoader on the original differ"
     img = e1["outputs"]["7"]["images"][0]
@@ -270,15 +274,5 @@ def test_apply_lora_takes_an_fp8_quantized_lora_from_the_graph(comfy_server):
     with safe_open(path, "pt") as f:
         assert any(f.get_slice(k).get_dtype() == "F8_E4M3" for k in f.keys())
     shutil.copy(path, os.path.join(comfy_server.loras, "a57_f8.safetensors"))
-    apply_nodes = dict(quant, **{"13": {"class_type": "ApplyLoRA", "inputs": {
-        "model": ["1", 0], "clip": ["1", 1], "lora": ["11", 0], "strength_model": 6.0, "strength_clip": 6.0}}})
-    e1 = comfy_server.run(sample_prompt(ckpt, apply_nodes, ["13", 0], ["13", 1], prefix="a57f8img/apply"))
-    assert e1["status"]["status_str"] == "success", errors_of(e1)
-    core = {"14": {"class_type": "LoraLoader", "inputs": {"model": ["1", 0], "clip": ["1", 1],
-                                                          "lora_name": "a57_f8.safetensors",
-                                                          "strength_model": 6.0, "strength_clip": 6.0}}}
-    e2 = comfy_server.run(sample_prompt(ckpt, core, ["14", 0], ["14", 1], prefix="a57f8img/core"))
-    assert e2["status"]["status_str"] == "success", errors_of(e2)
-    e0 = comfy_server.run(sample_prompt(ckpt, {}, ["1", 0], ["1", 1], prefix="a57f8img/none"))
-    a, b, base = saved_image(comfy_server, e1), saved_image(comfy_server, e2), saved_image(comfy_server, e0)
+    _, a, b, base = _apply_vs_core(comfy_server, ckpt, quant, ["11", 0], "a57_f8.safetensors", "a57f8img")
     assert abs(a - base).max() > 0 and abs(a - b).max() <= 1
