@@ -193,12 +193,19 @@ def basic_scheme(path: str, arch: str) -> str | None:
     Qwen-Image's own `img_in`/`proj_out` are no FLUX names)."""
     if arch not in DIT:
         return None
-    pairs = list(DIT[arch].basic.items()) + list(SWAPPED_BASIC.items())
-    if path in {_flat(d) for d, c in pairs if d != c}:
+    diffusers_names, canonical_names = _basic_names(arch)
+    if path in diffusers_names:
         return "diffusers-dit"
-    if path in {_flat(c) for d, c in pairs if d != c}:
+    if path in canonical_names:
         return CANONICAL_SCHEME[arch]
     return None
+
+
+@lru_cache(maxsize=None)
+def _basic_names(arch: str) -> tuple[frozenset, frozenset]:
+    """(diffusers flat paths, canonical flat paths) of the layers outside the blocks whose names differ."""
+    pairs = [(d, c) for d, c in list(DIT[arch].basic.items()) + list(SWAPPED_BASIC.items()) if d != c]
+    return frozenset(_flat(d) for d, _ in pairs), frozenset(_flat(c) for _, c in pairs)
 
 
 def _block_rx(words) -> re.Pattern:
