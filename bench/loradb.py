@@ -2,7 +2,8 @@
 SDXL rank-32 collections (variants of one character, a style series, unrelated) through every layer stack;
 extracting one SDXL rank-32 LoRA from a 50-entry collection, against a plain safetensors load+save.
 
-Usage: python bench/loradb.py [--count 10] [--max-modules N] [--runs 5] [--skip-peers] [--zipnn-python PY]
+Usage: python bench/loradb.py [--count 10] [--max-modules N] [--every N] [--runs 5] [--skip peers,...]
+       [--kinds K,...] [--stacks I,...] [--bound] [--zipnn-python PY]
 ZipNN is a bench-only peer: install it in a separate venv (python -m venv --system-site-packages V;
 V/bin/pip install zipnn) and pass --zipnn-python V/bin/python. Generated files go to a temp dir.
 """
@@ -24,6 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 
+import _rd  # noqa: E402
 from _common import table  # noqa: E402
 from lens_ops.loradb import open_collection, pack  # noqa: E402
 from lens_ops.st_io import save_file  # noqa: E402
@@ -44,6 +46,28 @@ def module_filter(every: int | None):
     from lens_ops.synth import load_layout
     keep = {m[0] for j, m in enumerate(load_layout("sdxl_kohya")["modules"]) if j % every == 0}
     return lambda name: name in keep
+
+
+def series_parts(count, max_modules, flt):
+    """(common, own) LoRAs of each style: one shared rank-24 aesthetic, a rank-8 part of each style's own."""
+    common = make_lora("sdxl_kohya", rank=24, seed=2, dtype=torch.float32, max_modules=max_modules, name_filter=flt)
+    for i in range(count):
+        yield common, make_lora("sdxl_kohya", rank=8, seed=100 + i, dtype=torch.float32, max_modules=max_modules,
+                                name_filter=flt)
+
+
+def series_factors(common, own) -> dict:
+    """Per up key: the common part's scaled factors (cu, cd) and the own part's (ou, od, at half strength): a style
+    LoRA's ΔW is cu@cd + ou@od, whatever rank-space basis its file writes them in."""
+    out = {}
+    for k in common:
+        if k.endswith("lora_up.weight"):
+            d = k[: -len("lora_up.weight")] + "lora_down.weight"
+            a = k[: -len("lora_up.weight")] + "alpha"
+            cu, cd = common[k].flatten(1) * float(common[a]) / 24, common[d].flatten(1)
+            ou, od = own[k].flatten(1) * 0.5 * float(own[a]) / 8, own[d].flatten(1)
+            out[k] = (cu, cd, ou, od, tuple(common[k].shape), tuple(common[d].shape))
+    return out
 
 
 def collections(tmp: str, count: int, max_modules: int | None, every: int | None = None) -> dict[str, list[str]]:
@@ -80,24 +104,16 @@ def collections(tmp: str, count: int, max_modules: int | None, every: int | None
     out["variants"] = files
     # 2. a style series: a shared aesthetic (rank 24) plus each style's own part (rank 8), each LoRA trained
     #    separately, so its factors sit in an arbitrary rank-space basis (random rotation per LoRA).
-    common = make_lora("sdxl_kohya", rank=24, seed=2, dtype=torch.float32, max_modules=max_modules, name_filter=flt)
     files = []
-    for i in range(count):
-        own = make_lora("sdxl_kohya", rank=8, seed=100 + i, dtype=torch.float32, max_modules=max_modules,
-                        name_filter=flt)
+    for i, (common, own) in enumerate(series_parts(count, max_modules, flt)):
         sd = {}
-        for k in common:
-            if k.endswith("lora_up.weight"):
-                d = k[: -len("lora_up.weight")] + "lora_down.weight"
-                a = k[: -len("lora_up.weight")] + "alpha"
-                cu, cd = common[k].flatten(1) * float(common[a]) / 24, common[d].flatten(1)
-                ou, od = own[k].flatten(1) * 0.5 * float(own[a]) / 8, own[d].flatten(1)
-                q, _ = torch.linalg.qr(torch.randn(32, 32, generator=g))
-                up = torch.cat([cu, ou], 1) @ q
-                down = q.T @ torch.cat([cd, od], 0)
-                sd[k] = (up * 2).reshape(*common[k].shape[:1], 32, *common[k].shape[2:]).half()   # alpha 16 / rank 32
-                sd[d] = down.reshape(32, *common[d].shape[1:]).half()
-                sd[a] = torch.tensor(16.0).half()
+        for k, (cu, cd, ou, od, up_shape, down_shape) in series_factors(common, own).items():
+            q, _ = torch.linalg.qr(torch.randn(32, 32, generator=g))
+            up = torch.cat([cu, ou], 1) @ q
+            down = q.T @ torch.cat([cd, od], 0)
+            sd[k] = (up * 2).reshape(*up_shape[:1], 32, *up_shape[2:]).half()   # alpha 16 / rank 32
+            sd[k[: -len("lora_up.weight")] + "lora_down.weight"] = down.reshape(32, *down_shape[1:]).half()
+            sd[k[: -len("lora_up.weight")] + "alpha"] = torch.tensor(16.0).half()
         files.append(_save(sd, os.path.join(tmp, f"style_{i:02d}.safetensors"), common.metadata))
     out["series"] = files
     # 3. unrelated LoRAs
@@ -139,6 +155,48 @@ def bench_collections(tmp, count, max_modules, kinds=None, stacks=None, every=No
             os.unlink(db)
             print(" | ".join(rows[-1]), flush=True)
     return rows, cols
+
+
+def _spectra(b, a):
+    from lens_ops.lowrank import factored_svd
+    s = factored_svd(b.double(), a.double(), full=False)
+    return _rd.coef_vars(s.numpy(), b.shape[0], a.shape[1]), float((s.double() ** 2).sum())
+
+
+def bench_bounds(cols, count, max_modules, every, snr_db=35.0):
+    """The most any coder can shrink each collection at the per-LoRA ΔW SNR budget (bench/_rd.py): LoRAs coded
+    one by one from their own spectra, and for the series also with its common part known exactly (an oracle).
+    Shannon: the Gaussian rate–distortion bound; ECSQ: with the ~0.25 bit per coded coefficient any entropy-coded
+    scalar quantiser pays. Payload only (no header), so these reductions are upper limits."""
+    from lens_ops.model import LoRAModel
+    rows = []
+    for kind, files in cols.items():
+        orig = sum(os.path.getsize(f) for f in files)
+        loras, budgets = [], []
+        for f in files:
+            vws, energy = [], 0.0
+            for m in LoRAModel.load(f).modules:
+                b, a, sc = m.lowrank(torch.float64, "cpu")
+                v, e = _spectra(b * sc, a)
+                vws.append(v)
+                energy += e
+            loras.append(vws)
+            budgets.append(energy * 10 ** (-snr_db / 10))
+        red = lambda bits: f"{100 * (1 - bits / 8 / orig):.1f} %"
+        rows.append([kind, "each LoRA on its own", red(_rd.independent_bits(loras, budgets)),
+                     red(_rd.independent_bits(loras, budgets, _rd.ECSQ_GAP))])
+        if kind == "series":
+            common, owns = [], []
+            for i, (c, o) in enumerate(series_parts(count, max_modules, module_filter(every))):
+                fac = series_factors(c, o)
+                if i == 0:
+                    common = [_spectra(cu, cd)[0] for cu, cd, *_ in fac.values()]
+                owns.append([_spectra(ou, od)[0] for _, _, ou, od, *_ in fac.values()])
+            rows.append([kind, "common part coded once (oracle split)",
+                         red(_rd.shared_bits(common, owns, budgets)),
+                         red(_rd.shared_bits(common, owns, budgets, _rd.ECSQ_GAP))])
+        print(" | ".join(rows[-1]), flush=True)
+    return rows
 
 
 def bench_peers(tmp, files, zipnn_python):
@@ -248,6 +306,8 @@ def main():
     ap.add_argument("--zipnn-python", default=None)
     ap.add_argument("--skip", default="", help="comma list of parts to skip: peers,collections,extract")
     ap.add_argument("--kinds", default="", help="collections to run (variants,series,unrelated; default all)")
+    ap.add_argument("--bound", action="store_true", help="also print the rate–distortion limit of each collection "
+                    "at the 35 dB budget (bench/_rd.py)")
     ap.add_argument("--stacks", default="", help="indices of STACKS to run (e.g. 0,4; default all)")
     a = ap.parse_args()
     skip = set(filter(None, a.skip.split(",")))
@@ -266,6 +326,12 @@ def main():
                   + (f" (every {a.every}th module)" if a.every else ""))
             print(table(rows, ["collection", "layers", "originals MiB", ".loradb MiB", "reduction", "worst ΔW SNR dB",
                                "pack s"]), flush=True)
+        if a.bound:
+            cols = cols or collections(tmp, a.count, a.max_modules, a.every)
+            rows = bench_bounds({k: v for k, v in cols.items() if not a.kinds or k in a.kinds.split(",")},
+                                a.count, a.max_modules, a.every)
+            print(f"\n## Limits at 35 dB ΔW SNR per LoRA: the largest reduction any coder reaches (payload only)")
+            print(table(rows, ["collection", "model", "Shannon bound", "entropy-coded scalar quantiser"]), flush=True)
         if "peers" not in skip:
             if cols is None:
                 cols = collections(tmp, 2, a.max_modules, a.every)
