@@ -21,6 +21,7 @@ from ..lowrank import frobenius_inner
 from ..model import LoRAModel
 from ..st_io import save_file
 from .codec import encode_stream
+from .spec import CODE_LEVEL
 
 
 def module_snr(orig, new, device="cpu") -> tuple[float, float]:
@@ -162,6 +163,8 @@ class ClassStreams:
         return h
 
     def flush(self, writer, level: int):
+        """Write every class's stream, zstd at `level` or CODE_LEVEL, whichever is higher."""
+        level = max(level, CODE_LEVEL)
         descs = {}
         for key, arrs in sorted(self.items.items()):
             e = key[0]
