@@ -51,8 +51,8 @@ def test_spill_round_trips_float32_and_removes_its_file(tmp_path):
 
 
 def test_code_streams_are_compressed_harder_than_the_float_planes():
-    """The lossy coder's integer codes go through zstd at CODE_LEVEL (smaller than the float planes' level 3 on
-    Gaussian codes), and still decode to the same integers."""
+    """The lossy coder's narrow integer code classes go through zstd at CODE_LEVEL (smaller than the float planes'
+    level 3 on Gaussian codes), and every class still decodes to the same integers."""
     import numpy as np
     import zstandard
 

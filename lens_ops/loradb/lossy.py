@@ -141,6 +141,9 @@ def _fold_int8(model: LoRAModel, layers: list, device):
 
 
 # ------------------------------------------------------------------ quantised-coefficient coding (qcoef.py)
+NARROW_CLASS = 4   # class key floor(2·log2 rms) up to which codes are zstd-coded at CODE_LEVEL
+
+
 class ClassStreams:
     """Integer code vectors grouped by magnitude class (one byte-grouped zstd stream per class), so the
     entropy coder sees values of one distribution at a time."""
@@ -163,14 +166,16 @@ class ClassStreams:
         return h
 
     def flush(self, writer, level: int):
-        """Write every class's stream, zstd at `level` or CODE_LEVEL, whichever is higher."""
-        level = max(level, CODE_LEVEL)
+        """Write every class's stream. The narrow int8 classes (rms below 2^2.5, a few bits per code) get zstd's
+        optimal parsing (CODE_LEVEL): 7–19 % smaller there, about 4 % on a whole collection; the wider classes
+        gain nothing from it (measured) and stay at `level`."""
         descs = {}
         for key, arrs in sorted(self.items.items()):
             e = key[0]
             data = np.concatenate(arrs).astype(np.int8 if e == 1 else np.dtype("<i2")).view(np.uint8)
             arrs.clear()
-            descs[key] = encode_stream(writer, data, e, level)
+            narrow = e == 1 and key[1] <= NARROW_CLASS
+            descs[key] = encode_stream(writer, data, e, max(level, CODE_LEVEL) if narrow else level)
         for h in self.handles:
             h["desc"] = descs[h["key"]]
 

@@ -38,8 +38,8 @@ MAX_JSON_DEPTH = 64
 
 ELEM_SIZES = (1, 2, 4, 8)
 DEFAULT_LEVEL = 3                       # zstd level per plane (measured best: see docs/loradb.md)
-CODE_LEVEL = 16                         # at least this for the lossy coder's integer code streams: 4 % smaller than
-                                        # level 3 (as small as 19, twice its speed); float planes are best at 3
+CODE_LEVEL = 16                         # the lossy coder's narrow integer code streams (lossy.ClassStreams): ~4 %
+                                        # smaller than level 3, as small as 19 at twice its speed
 
 ST_DTYPES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2,
              "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
