@@ -56,6 +56,17 @@ def _compare(stacked, applied, base, tol):
 CASES = [("sd3m", (0, 23)), ("sd35l", (0, 37)), ("sd35m", (0, 12, 23))]
 
 
+def _blend_vs_stacked(comfy, loras, w, key_map, base):
+    """Apply the files stacked and their `concat` blend through ComfyUI; every module of the blend must be read.
+    Returns (per input file, the modules ComfyUI did not read; the blend report; the blend; how many weights
+    changed alike within 1e-5 — _compare fails on any that differ)."""
+    stacked, stacked_unread = _apply(comfy, loras, w, key_map, base)
+    out, rep = blend([model_of(x) for x in loras], w, "concat")
+    applied, unread = _apply(comfy, [out.state_dict()], [1.0], key_map, base)
+    assert unread == [[]], unread
+    return stacked_unread, rep, out, _compare(stacked, applied, base, 1e-5)
+
+
 @pytest.mark.parametrize("model,blocks", CASES, ids=[c[0] for c in CASES])
 @pytest.mark.parametrize("convention", list(PREFIXES))
 @pytest.mark.parametrize("first", ["mmdit", "diffusers"])
@@ -66,13 +77,10 @@ def test_blend_applies_like_both_stacked(comfy_inproc, model, blocks, convention
     d = diffusers_lora(model, blocks, convention=convention, basic=True, seed=12)
     loras = [k, d] if first == "mmdit" else [d, k]
     w = [0.8, -0.6]
-    stacked, unread = _apply(comfy, loras, w, key_map, base)
+    unread, rep, _, changed = _blend_vs_stacked(comfy, loras, w, key_map, base)
     assert unread == [[], []]                                  # ComfyUI reads every module of both inputs
-    out, rep = blend([model_of(x) for x in loras], w, "concat")
     assert not rep["warnings"]
-    applied, unread = _apply(comfy, [out.state_dict()], [1.0], key_map, base)
-    assert unread == [[]], unread                              # and every module of the blend
-    assert _compare(stacked, applied, base, 1e-5) == len(base)  # every weight changed, as stacked
+    assert changed == len(base)                                # every weight changed, as stacked
 
 
 def _split(sd, in_block0):
@@ -145,12 +153,9 @@ def test_text_encoder_modules_mixed_with_the_transformer_apply_like_stacking(com
         d = {n: t for n, t in d.items() if not n.startswith("text_encoder_3.")}
     loras = [k, d] if first == "mmdit" else [d, k]
     w = [1.2, -0.5]
-    stacked, unread = _apply(comfy, loras, w, key_map, base)
+    unread, _, _, changed = _blend_vs_stacked(comfy, loras, w, key_map, base)
     assert unread == [[], []]
-    out, rep = blend([model_of(x) for x in loras], w, "concat")
-    applied, unread = _apply(comfy, [out.state_dict()], [1.0], key_map, base)
-    assert unread == [[]], unread
-    assert _compare(stacked, applied, base, 1e-5) == 5   # 3 text-encoder weights, qkv, fc2
+    assert changed == 5   # 3 text-encoder weights, qkv, fc2
 
 
 @pytest.mark.parametrize("first", ["mmdit", "diffusers"])
@@ -164,12 +169,9 @@ def test_dora_fused_layer_only_one_file_has_is_carried_whole(comfy_inproc, first
     d = diffusers_lora("sd3m", (0,), parts={"attn.to_q", "attn.to_v"}, convention="flash", seed=83)
     loras = [k, d] if first == "mmdit" else [d, k]
     w = [1.0, 0.6] if first == "mmdit" else [0.6, 1.0]
-    stacked, unread = _apply(comfy, loras, w, key_map, base)
-    out, rep = blend([model_of(x) for x in loras], w, "concat")
+    _, _, out, changed = _blend_vs_stacked(comfy, loras, w, key_map, base)
     assert "lora_unet_joint_blocks_0_context_block_attn_qkv" in {m.name for m in out.modules}
-    applied, unread = _apply(comfy, [out.state_dict()], [1.0], key_map, base)
-    assert unread == [[]], unread
-    assert _compare(stacked, applied, base, 1e-5) == 2
+    assert changed == 2
 
 
 @pytest.mark.parametrize("first", ["mmdit", "diffusers"])
@@ -183,12 +185,9 @@ def test_simpletuner_lokr_parts_against_a_fused_lora_apply_like_stacking(comfy_i
                        convention="simpletuner", seed=92, kind="lokr")
     loras = [k, d] if first == "mmdit" else [d, k]
     w = [0.9, -1.1]
-    stacked, unread = _apply(comfy, loras, w, key_map, base)
+    unread, _, _, changed = _blend_vs_stacked(comfy, loras, w, key_map, base)
     assert unread == [[], []]
-    out, rep = blend([model_of(x) for x in loras], w, "concat")
-    applied, unread = _apply(comfy, [out.state_dict()], [1.0], key_map, base)
-    assert unread == [[]], unread
-    assert _compare(stacked, applied, base, 1e-5) == 3
+    assert changed == 3
 
 
 @pytest.mark.parametrize("order", ["kdo", "dok", "okd"])
@@ -208,11 +207,8 @@ def test_three_files_in_three_conventions_apply_like_stacking(comfy_inproc, orde
                  "attn.to_v", "attn.to_k", "pos_embed.proj", "norm1_context.linear"})}
     loras = [files[c] for c in order]
     w = [0.5, -0.7, 1.1]
-    stacked, unread = _apply(comfy, loras, w, key_map, base)
+    unread, rep, _, changed = _blend_vs_stacked(comfy, loras, w, key_map, base)
     assert unread == [[], [], []]
-    out, rep = blend([model_of(x) for x in loras], w, "concat")
     assert not rep["warnings"]
-    applied, unread = _apply(comfy, [out.state_dict()], [1.0], key_map, base)
-    assert unread == [[]], unread
     # x qkv, context qkv and context modulation of both blocks, x_embedder, the final modulation
-    assert _compare(stacked, applied, base, 1e-5) == 8
+    assert changed == 8
